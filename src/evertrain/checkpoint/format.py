@@ -1,0 +1,485 @@
+"""Checkpoint format v1: write, verify and read one checkpoint directory.
+
+Layout and commit protocol are specified in ``docs/checkpoint-format.md``. In short: per
+owner ``<owner>.json`` (the nested state with each tensor replaced by
+``{"__tensor__": "<key>"}``) and, if it holds tensors, ``<owner>.safetensors``; then
+``manifest.json`` with every file's size and XXH3-128 digest, written last into
+``step-N.tmp/`` and published by renaming the directory. Only ``.json`` and
+``.safetensors`` files are ever parsed; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+import xxhash
+
+from evertrain import faults
+from evertrain.checkpoint.errors import (
+    CheckpointError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    Problem,
+)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TENSOR_REF = "__tensor__"
+OWNER_RE = re.compile(r"[a-z0-9_]+")
+STEP_DIR_RE = re.compile(r"step-(\d{8,})")
+_SUFFIXES = (".json", ".safetensors")
+# dtypes safetensors both writes and reads back. It also *writes* float8_e8m0fnu and
+# float4_e2m1fn_x2 but cannot load them (KeyError): such a checkpoint would be unloadable.
+_DTYPE_NAMES = (
+    "float64 float32 float16 bfloat16 float8_e4m3fn float8_e4m3fnuz float8_e5m2 "
+    "float8_e5m2fnuz complex64 int8 int16 int32 int64 uint8 uint16 uint32 uint64 bool"
+)
+DTYPES = frozenset(d for n in _DTYPE_NAMES.split() if (d := getattr(torch, n, None)) is not None)
+_CHUNK = 16 << 20  # write/hash granularity; bounds no memory, only syscall count
+_HEX128 = re.compile(r"[0-9a-f]{32}")
+SELF_DIGEST = "manifest_xxh3_128"  # the manifest's own digest, see _seal
+_SELF_PREFIX = b'"manifest_xxh3_128": "'
+
+
+def step_dir_name(global_step: int) -> str:
+    """``step-00000120`` for global_step 120 (8 digits, zero-padded; more digits past 10^8)."""
+    if global_step < 0:
+        raise CheckpointError(f"global_step must be >= 0, got {global_step}")
+    return f"step-{global_step:08d}"
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A verified checkpoint read into memory.
+
+    Attributes:
+        path: the checkpoint directory.
+        states: owner name -> state dict (nested dicts/lists of JSON values and CPU tensors).
+        manifest: the parsed ``manifest.json`` (``format_version``, ``global_step``,
+            ``files``, ``summary``).
+    """
+
+    path: Path
+    states: dict[str, dict[str, Any]]
+    manifest: dict[str, Any]
+
+    @property
+    def global_step(self) -> int:
+        return int(self.manifest["global_step"])
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return dict(self.manifest["summary"])
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _split(
+    owner: str, node: Any, path: list[str], tensors: dict[str, torch.Tensor], storages: set[int]
+) -> Any:
+    """JSON tree of ``node`` with tensors moved into ``tensors`` (key = path joined by "/")."""
+    where = "/".join(path) or "(top level)"
+    if isinstance(node, torch.Tensor):
+        key = "/".join(path)
+        if key in tensors:  # a dict key containing "/" would silently overwrite a tensor
+            raise CheckpointError(
+                f"{owner}: two tensors map to key {key!r}; a dict key contains '/', rename it"
+            )
+        t = node.detach()
+        if type(t) is not torch.Tensor or t.device.type != "cpu" or t.layout != torch.strided:
+            raise CheckpointError(
+                f"{owner}: tensor at {where} is a {type(t).__name__} on {t.device} with "
+                f"layout {t.layout}; state dicts hold dense CPU torch.Tensor only "
+                f"(move it with .cpu(), gather DTensors, densify sparse tensors)"
+            )
+        if t.dtype not in DTYPES:
+            raise CheckpointError(
+                f"{owner}: tensor at {where} has dtype {t.dtype}, which format v1 cannot store "
+                f"and read back; supported: {_DTYPE_NAMES}"
+            )
+        t = t.resolve_conj().resolve_neg().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        # safetensors refuses tensors sharing memory (tied weights, views): copy the 2nd.
+        if ptr in storages:
+            t = t.clone()
+        elif ptr:
+            storages.add(ptr)
+        tensors[key] = t
+        return {TENSOR_REF: key}
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            if not isinstance(k, str):
+                raise CheckpointError(
+                    f"{owner}: key {k!r} at {where} is a {type(k).__name__}; "
+                    f"JSON keys must be str (convert, e.g. str(k))"
+                )
+            if k == TENSOR_REF:
+                raise CheckpointError(
+                    f"{owner}: key {TENSOR_REF!r} at {where} is reserved for tensor references"
+                )
+            out[k] = _split(owner, v, [*path, k], tensors, storages)
+        return out
+    if isinstance(node, list):
+        return [_split(owner, v, [*path, str(i)], tensors, storages) for i, v in enumerate(node)]
+    if node is None or isinstance(node, (bool, int, float, str)):
+        return node
+    raise CheckpointError(
+        f"{owner}: value at {where} has type {type(node).__name__}; state dicts hold only "
+        f"dicts, lists, JSON scalars and CPU tensors (tuples do not survive JSON: use lists)"
+    )
+
+
+def _write_file(path: Path, data: bytes) -> dict[str, Any]:
+    """Write ``data`` to a new file and fsync it; the XXH3-128 digest is of the written bytes."""
+    h = xxhash.xxh3_128()
+    view = memoryview(data)
+    with open(path, "xb") as f:
+        for i in range(0, len(view), _CHUNK):
+            chunk = view[i : i + _CHUNK]
+            f.write(chunk)
+            h.update(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"size": len(data), "xxh3_128": h.hexdigest()}
+
+
+def fsync_dir(path: Path) -> None:
+    # Without this, a power loss can forget the rename or the new directory entries.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _dump_json(obj: Any, indent: int) -> bytes:
+    # allow_nan: NaN/Infinity are written as JSON5-style tokens that json.loads reads back.
+    return json.dumps(obj, indent=indent, allow_nan=True, ensure_ascii=True).encode()
+
+
+def _seal(manifest: dict[str, Any]) -> bytes:
+    """Manifest bytes carrying their own XXH3-128 as the first field.
+
+    The digest covers the file with its 32 hex digits set to "0"; without it a flipped byte
+    in the manifest (a size, a summary metric) would go unnoticed.
+    """
+    blob = _dump_json({SELF_DIGEST: "0" * 32, **manifest}, 2)
+    i = blob.index(_SELF_PREFIX) + len(_SELF_PREFIX)
+    return blob[:i] + xxhash.xxh3_128(blob).hexdigest().encode() + blob[i + 32 :]
+
+
+def _unseal_problem(blob: bytes, manifest: dict[str, Any]) -> str | None:
+    """Why the manifest's own digest does not match its bytes, or None."""
+    i = blob.find(_SELF_PREFIX) + len(_SELF_PREFIX)
+    claimed = blob[i : i + 32].decode(errors="replace")
+    if i < len(_SELF_PREFIX) or manifest.get(SELF_DIGEST) != claimed:
+        return f"{SELF_DIGEST} missing or not the first field"
+    actual = xxhash.xxh3_128(blob[:i] + b"0" * 32 + blob[i + 32 :]).hexdigest()
+    if actual != claimed:
+        return f"content hash mismatch (xxh3_128 {actual}, recorded {claimed}): corrupted"
+    return None
+
+
+def estimate_size(states: Mapping[str, Mapping[str, Any]]) -> int:
+    """Approximate on-disk size of ``states`` in bytes (tensor bytes + 64 KiB per owner)."""
+    total = 0
+
+    def walk(node: Any) -> None:
+        nonlocal total
+        if isinstance(node, torch.Tensor):
+            total += node.nelement() * node.element_size() + 128
+        elif isinstance(node, Mapping):
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    for state in states.values():
+        walk(state)
+        total += 64 << 10
+    return total
+
+
+def write_checkpoint(
+    directory: Path,
+    states: Mapping[str, Mapping[str, Any]],
+    summary: Mapping[str, Any],
+    *,
+    global_step: int,
+) -> Path:
+    """Write and atomically commit one checkpoint at ``directory`` (e.g. ``.../step-00000120``).
+
+    Files go to ``<directory>.tmp/``; each is fsynced, ``manifest.json`` is written last, the
+    temporary directory is renamed to ``directory`` and the parent fsynced. Fault points
+    ``save@global_step`` (after the first data file) and ``commit@global_step`` (manifest
+    written, not yet renamed) serve the crash tests (:mod:`evertrain.faults`).
+
+    Args:
+        directory: final checkpoint directory; it and ``<directory>.tmp`` must not exist.
+        states: owner name (``[a-z0-9_]+``) -> state dict (see :mod:`evertrain.state`).
+        summary: JSON-able description stored in the manifest (global_step, epoch,
+            ``metrics`` such as val_loss, wall time, library versions).
+        global_step: optimizer steps completed; stored in the manifest.
+
+    Returns:
+        ``directory``.
+
+    Raises:
+        CheckpointError: bad owner name, a value that is not JSON/tensor, a dtype
+            safetensors cannot store, or an existing target. Nothing is left behind.
+        CheckpointWriteError: an OS error while writing (e.g. ``ENOSPC``); the partial
+            ``.tmp`` directory is removed.
+    """
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    if not states:
+        raise CheckpointError(f"{directory}: no states to save")
+    for owner in states:
+        if not isinstance(owner, str) or not OWNER_RE.fullmatch(owner):
+            raise CheckpointError(
+                f"owner name {owner!r} is invalid: use [a-z0-9_]+ (it becomes a file name)"
+            )
+    summary_tensors: dict[str, torch.Tensor] = {}
+    _split("summary", dict(summary), [], summary_tensors, set())
+    if summary_tensors:
+        raise CheckpointError(f"summary holds tensors at {sorted(summary_tensors)}; JSON only")
+    for target in (directory, tmp):
+        if target.exists():
+            raise CheckpointError(f"{target} already exists; refusing to overwrite it")
+    files: dict[str, Any] = {}
+    try:
+        tmp.mkdir(parents=True)
+        for owner, state in states.items():
+            tensors: dict[str, torch.Tensor] = {}
+            tree = _split(owner, state, [], tensors, set())
+            files[f"{owner}.json"] = _write_file(tmp / f"{owner}.json", _dump_json(tree, 1))
+            if len(files) == 1:
+                faults.maybe_crash("save", global_step)
+            if tensors:
+                try:
+                    blob = safetensors.torch.save(tensors)
+                except (ValueError, RuntimeError, KeyError, TypeError) as e:
+                    raise CheckpointError(
+                        f"{owner}: safetensors cannot store these tensors ({type(e).__name__}: {e})"
+                    ) from None
+                files[f"{owner}.safetensors"] = _write_file(tmp / f"{owner}.safetensors", blob)
+                del blob
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "global_step": global_step,
+            "files": files,
+            "summary": dict(summary),
+        }
+        _write_file(tmp / MANIFEST, _seal(manifest))
+        faults.maybe_crash("commit", global_step)
+        fsync_dir(tmp)
+        os.rename(tmp, directory)
+        fsync_dir(directory.parent)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise CheckpointWriteError(
+                f"{directory}: writing the checkpoint failed ({e.strerror or e}); the partial "
+                f"{tmp.name} was removed, older checkpoints are untouched"
+            ) from e
+        raise
+    return directory
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _check_manifest(m: Any, blob: bytes) -> str | None:
+    """Why ``m`` (parsed from ``blob``) is not an intact v1 manifest, or None."""
+    if not isinstance(m, dict):
+        return f"top level is a {type(m).__name__}, expected an object"
+    v = m.get("format_version")
+    if v is None:
+        return "no format_version: not an evertrain checkpoint manifest"
+    if v != FORMAT_VERSION:
+        return (
+            f"format_version {v!r} is not supported: this evertrain reads format_version "
+            f"{FORMAT_VERSION}; use the evertrain version that wrote it"
+        )
+    sealed = _unseal_problem(blob, m)
+    if sealed is not None:
+        return sealed
+    if not isinstance(m.get("global_step"), int) or not isinstance(m.get("summary"), dict):
+        return "global_step (int) or summary (object) missing or of the wrong type"
+    files = m.get("files")
+    if not isinstance(files, dict):
+        return "files (object) missing or of the wrong type"
+    for name, e in files.items():
+        if not (
+            isinstance(e, dict)
+            and isinstance(e.get("size"), int)
+            and isinstance(e.get("xxh3_128"), str)
+            and _HEX128.fullmatch(e["xxh3_128"])
+        ):
+            return f"entry {name!r} needs size (int) and xxh3_128 (32 hex digits)"
+    return None
+
+
+def _entry_problem(name: str) -> str | None:
+    """Why the manifest entry ``name`` must not be opened, or None."""
+    if "/" in name or "\\" in name or ".." in name or name == MANIFEST:
+        return "unsafe file name in the manifest (path separator, '..' or the manifest); refused"
+    suffix = next((s for s in _SUFFIXES if name.endswith(s)), None)
+    if suffix is None:
+        return (
+            "listed in the manifest but only .json and .safetensors files are read "
+            "(nothing is unpickled); refused without opening it"
+        )
+    if not OWNER_RE.fullmatch(name[: -len(suffix)]):
+        return "owner name in the file name is not [a-z0-9_]+; refused"
+    return None
+
+
+def _read_listed(directory: Path, name: str, entry: dict[str, Any]) -> tuple[bytes | None, str]:
+    path = directory / name
+    try:
+        size = path.stat().st_size
+        if size != entry["size"]:
+            return None, (
+                f"size mismatch: manifest says {entry['size']} bytes, file has {size} "
+                f"(truncated or overwritten)"
+            )
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None, "missing (listed in the manifest)"
+    except OSError as e:
+        return None, f"cannot read: {e}"
+    digest = xxhash.xxh3_128(data).hexdigest()
+    if len(data) != entry["size"] or digest != entry["xxh3_128"]:
+        return None, (
+            f"content hash mismatch (xxh3_128 {digest}, manifest says "
+            f"{entry['xxh3_128']}): the file is corrupted"
+        )
+    return data, ""
+
+
+def _rebuild(node: Any, tensors: dict[str, torch.Tensor], used: set[str]) -> Any:
+    if isinstance(node, dict):
+        if len(node) == 1 and isinstance(node.get(TENSOR_REF), str):
+            key = node[TENSOR_REF]
+            if key not in tensors:
+                raise KeyError(key)
+            used.add(key)
+            return tensors[key]
+        return {k: _rebuild(v, tensors, used) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rebuild(v, tensors, used) for v in node]
+    return node
+
+
+def _scan(directory: Path) -> tuple[list[Problem], dict[str, Any], dict[str, dict[str, Any]]]:
+    """Verify ``directory`` and parse it from the same bytes: (problems, manifest, states)."""
+    if not directory.is_dir():
+        return [Problem(str(directory), "not a directory")], {}, {}
+    try:
+        blob = (directory / MANIFEST).read_bytes()
+        manifest = json.loads(blob)
+    except FileNotFoundError:
+        gone = "missing: never committed (crash before the commit) or deleted; not a checkpoint"
+        return [Problem(MANIFEST, gone)], {}, {}
+    except (OSError, ValueError) as e:
+        return [Problem(MANIFEST, f"unreadable or not valid JSON ({e})")], {}, {}
+    bad = _check_manifest(manifest, blob)
+    if bad is not None:
+        return [Problem(MANIFEST, bad)], {}, {}
+    files: dict[str, Any] = manifest["files"]
+    problems = [
+        Problem(n, "unlisted file, ignored (never opened)", fatal=False)
+        for n in sorted(os.listdir(directory))
+        if n != MANIFEST and n not in files
+    ]
+    m = STEP_DIR_RE.match(directory.name)
+    if m and int(m.group(1)) != manifest["global_step"]:
+        problems.append(
+            Problem(
+                MANIFEST,
+                f"global_step {manifest['global_step']} does not "
+                f"match the directory name {directory.name}",
+            )
+        )
+    trees: dict[str, Any] = {}
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for name, entry in files.items():
+        why = _entry_problem(name)
+        data = None
+        if why is None:
+            data, why = _read_listed(directory, name, entry)
+        if data is None:
+            problems.append(Problem(name, why))
+            continue
+        owner, _, kind = name.partition(".")
+        try:
+            if kind == "json":
+                trees[owner] = json.loads(data)
+                if not isinstance(trees[owner], dict):
+                    problems.append(Problem(name, "top level is not a JSON object"))
+            else:
+                tensors[owner] = safetensors.torch.load(data)
+        except (ValueError, KeyError, safetensors.SafetensorError) as e:  # KeyError: dtype
+            what = "not valid JSON" if kind == "json" else "safetensors header unreadable"
+            problems.append(Problem(name, f"{what}: {e}"))
+    states: dict[str, dict[str, Any]] = {}
+    for name in files:
+        owner = name.partition(".")[0]
+        if name.endswith(".safetensors") and f"{owner}.json" not in files:
+            problems.append(Problem(name, f"no {owner}.json in the manifest refers to it"))
+    for owner, tree in trees.items():
+        if not isinstance(tree, dict) or (f"{owner}.safetensors" in files and owner not in tensors):
+            continue  # already reported
+        used: set[str] = set()
+        owned = tensors.get(owner, {})
+        try:
+            states[owner] = _rebuild(tree, owned, used)
+        except KeyError as e:
+            why = f"refers to tensor {e.args[0]!r}, not in a listed {owner}.safetensors"
+            problems.append(Problem(f"{owner}.json", why))
+            continue
+        if set(owned) - used:
+            extra = sorted(set(owned) - used)[:3]
+            problems.append(
+                Problem(f"{owner}.safetensors", f"tensors not referenced by {owner}.json: {extra}")
+            )
+    return problems, manifest, states
+
+
+def verify_checkpoint(path: Path) -> list[Problem]:
+    """Check one checkpoint directory completely; ``[]`` means valid.
+
+    Checks: the manifest exists, is JSON and format_version 1; every listed file is a
+    plain ``<owner>.json`` / ``<owner>.safetensors`` name, exists, has the listed size and
+    XXH3-128 digest, and parses; every tensor reference resolves. Unlisted files are
+    reported as non-fatal warnings and never opened. Reads every byte once.
+    """
+    return _scan(Path(path))[0]
+
+
+def read_checkpoint(path: Path) -> LoadedCheckpoint:
+    """Verify and load one checkpoint directory (each file read once: hashed and parsed).
+
+    Raises:
+        CorruptCheckpointError: any fatal problem (``.problems`` lists them all).
+    """
+    path = Path(path)
+    problems, manifest, states = _scan(path)
+    if any(p.fatal for p in problems):
+        raise CorruptCheckpointError(path, problems)
+    return LoadedCheckpoint(path=path, states=states, manifest=manifest)

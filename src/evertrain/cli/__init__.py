@@ -1,0 +1,43 @@
+"""The ``evertrain`` command: a thin typer app, one module per subcommand."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from evertrain.cli import data as data_cmd
+from evertrain.cli import inspect as inspect_cmd
+from evertrain.cli import train as train_cmd
+from evertrain.cli import verify as verify_cmd
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Continuous, exactly-resumable PyTorch training.",
+)
+app.command("train")(train_cmd.train)
+app.command("inspect")(inspect_cmd.inspect)
+app.command("verify")(verify_cmd.verify)
+app.add_typer(data_cmd.app, name="data")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Log lines to stderr: rich-formatted on a terminal, plain otherwise (CI, files)."""
+    level = logging.DEBUG if verbose else logging.INFO
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(show_path=False)
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger("evertrain")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def main() -> None:
+    setup_logging()
+    app()

@@ -1,0 +1,71 @@
+"""``evertrain train CONFIG --run-dir RUN``: train, resuming from RUN's newest valid checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from evertrain.cli.errors import user_errors
+from evertrain.config import RunConfig
+
+
+def train(
+    config: Annotated[
+        Path | None, typer.Argument(help="YAML config; omit to resume RUN with its stored config")
+    ] = None,
+    run_dir: Annotated[Path, typer.Option("--run-dir", help="run directory")] = Path(
+        "runs/default"
+    ),
+    max_steps: Annotated[
+        int | None,
+        typer.Option(help="stop after this global_step (the schedule keeps its own length)"),
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override: dotted.key=value (repeatable)")
+    ] = None,
+    allow_config_change: Annotated[
+        bool, typer.Option(help="resume although a breaking config change was made")
+    ] = False,
+    fresh: Annotated[
+        bool, typer.Option(help="start at step 0 even if RUN has checkpoints (they are kept)")
+    ] = False,
+) -> None:
+    """Train; resumes automatically from the newest checkpoint in RUN that verifies."""
+    from evertrain.cli.progress import attach_progress
+    from evertrain.config import load_config
+    from evertrain.trainer import Trainer
+
+    with user_errors():
+        if config is None:
+            cfg = _stored_config(run_dir, set_ or [])
+        else:
+            cfg = load_config(config, set_ or [])
+        trainer = Trainer(cfg, run_dir, allow_config_change=allow_config_change, fresh=fresh)
+        with attach_progress(trainer, max_steps):
+            outcome = trainer.fit(max_steps)
+        trainer.close()
+    typer.echo(
+        json.dumps(
+            {
+                "outcome": outcome,
+                "global_step": trainer.progress.global_step,
+                "run_dir": str(run_dir),
+                **trainer.last_eval,
+            }
+        )
+    )
+
+
+def _stored_config(run_dir: Path, overrides: list[str]) -> RunConfig:
+    from evertrain.checkpoint import CheckpointManager, KeepLast
+    from evertrain.config import ConfigError, apply_overrides, config_from_json
+
+    manager = CheckpointManager(run_dir / "checkpoints", KeepLast(1))
+    info = manager.latest_valid()
+    if info is None:
+        raise ConfigError(f"{run_dir}: no valid checkpoint to take the config from; give CONFIG")
+    stored = manager.load(info).states["config"]["config"]
+    return config_from_json(apply_overrides(stored, overrides))

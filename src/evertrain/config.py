@@ -1,0 +1,332 @@
+"""Typed, validated run configuration: one pydantic model per component.
+
+A config comes from a YAML file, a ``dict`` or an OmegaConf ``DictConfig`` and is validated
+in full on load: unknown keys, wrong types and impossible combinations raise
+:class:`ConfigError` with the dotted key path and the reason, in one line. The resolved
+config is stored in every checkpoint as plain JSON; on resume :func:`diff_configs` lists
+what changed and :func:`breaking_changes` picks the changes that would break exactness or
+tensor shapes (refused unless ``--allow-config-change``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid; the message names the key path and the reason."""
+
+
+class _Section(BaseModel):
+    # extra="forbid": a misspelt key is an error, not a silently ignored setting.
+    # strict=True: "4" is not an integer; YAML already gives typed values.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class TinyModelConfig(_Section):
+    """Shape of the built-in random-init Llama-architecture test model."""
+
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    max_position_embeddings: int = Field(1024, gt=0)
+
+
+class ModelConfig(_Section):
+    """Which model to train and how to hold its weights.
+
+    ``source``: ``tiny`` (built-in random-init test model), ``smollm2-135m`` (bundled real
+    model), a local Hugging Face model directory, or a local ``.gguf`` file.
+    """
+
+    source: str = "tiny"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # attention dropout of the tiny model
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    cache_dir: str | None = None  # converted-model cache; default ~/.cache/evertrain/models
+    num_threads: int | None = Field(None, gt=0)  # torch.set_num_threads; None = torch default
+    compile: bool = False  # torch.compile the model (checkpoints keep the original names)
+
+
+class LoraConfig(_Section):
+    """LoRA adapter (PEFT). Absent from the config = full fine-tuning."""
+
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = None  # None = per-architecture default
+
+
+class DataConfig(_Section):
+    """Training data: files, record format, tokenisation and the train/val split."""
+
+    files: list[str] = Field(default_factory=list)
+    format: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
+    seq_len: int = Field(128, gt=1)
+    packing: bool = True  # pack documents into seq_len sequences; False = one per row, padded
+    text_split: Literal["documents", "chunks"] = "documents"  # plain .txt files
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    num_workers: int = Field(0, ge=0)
+    on_bad_record: Literal["fail", "skip"] = "fail"
+    cache_dir: str | None = None  # tokenised-data cache; None = no cache
+
+
+class ScheduleConfig(_Section):
+    """LR schedule, a pure function of global_step (see :mod:`evertrain.schedule`)."""
+
+    name: Literal["constant", "linear", "cosine", "wsd", "inverse_sqrt"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    decay_steps: int | None = Field(None, ge=0)  # wsd: length of the final decay, in steps
+
+
+class TrainConfig(_Section):
+    """Optimisation: batch geometry, optimizer, schedule, precision, evaluation."""
+
+    micro_batch_size: int = Field(4, gt=0)
+    grad_accum_steps: int = Field(1, gt=0)
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(2.0e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999])
+    eps: float = Field(1e-8, gt=0)
+    momentum: float = Field(0.0, ge=0)  # sgd only
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:N
+    eval_every_steps: int | None = Field(None, gt=0)
+    eval_max_batches: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError("betas must be two numbers in [0, 1)")
+        return self
+
+
+class CheckpointConfig(_Section):
+    """When to save and which checkpoints to keep."""
+
+    every_steps: int | None = Field(None, gt=0)
+    every_seconds: float | None = Field(None, gt=0)
+    keep_last: int = Field(3, ge=1)
+    keep_best: int = Field(0, ge=0)
+    best_metric: str = "val_loss"
+    best_mode: Literal["min", "max"] = "min"
+    keep_every_steps: int | None = Field(None, gt=0)
+    pinned: list[int] = Field(default_factory=list)  # global_steps never deleted
+    min_free_bytes: int = Field(0, ge=0)  # skip (and retry) a save when less is free
+
+
+class RunConfig(_Section):
+    """The whole run. ``lora`` absent (``None``) means full fine-tuning."""
+
+    seed: int = 1234
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig | None = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        s = self.train.schedule
+        if self.train.max_steps is not None and s.warmup_steps > self.train.max_steps:
+            raise ValueError(
+                f"train.schedule.warmup_steps ({s.warmup_steps}) exceeds "
+                f"train.max_steps ({self.train.max_steps})"
+            )
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        """The resolved config as plain JSON types (what checkpoints store)."""
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_error(err: ValidationError, origin: str) -> ConfigError:
+    first = err.errors()[0]
+    path = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; see examples/tiny.yaml for the valid keys)"
+    elif "input" in first and first["type"] != "missing":
+        msg = f"{msg} (got {first['input']!r})"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return ConfigError(f"{origin}: {path}: {msg}{more}")
+
+
+def _to_plain(obj: Any) -> Any:
+    # OmegaConf DictConfig/ListConfig: resolve interpolations into plain containers so the
+    # config serialises to JSON (Trainer-based setups fail exactly here).
+    if type(obj).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf  # type: ignore[import-not-found]
+
+        return OmegaConf.to_container(obj, resolve=True)
+    return obj
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse one ``--set dotted.key=value`` (value read as YAML: ``3``, ``1e-4``, ``[a, b]``).
+
+    Raises:
+        ConfigError: no ``=``, an empty key, or a value that is not valid YAML.
+    """
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. train.lr=1e-4")
+    key, _, raw = item.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: empty key segment in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from None
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``dotted.key=value`` applied."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = out
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {'.'.join(parts)}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(
+    source: str | Path | dict[str, Any] | Any,
+    overrides: list[str] | None = None,
+) -> RunConfig:
+    """Load and validate a run config.
+
+    Args:
+        source: path to a YAML file, a ``dict``, or an OmegaConf ``DictConfig``.
+        overrides: ``dotted.key=value`` strings applied before validation.
+
+    Relative ``data.files`` and ``model.source`` paths in a YAML file are resolved against
+    the file's directory, so a config works from any working directory.
+
+    Raises:
+        ConfigError: unreadable file, invalid YAML, unknown key, wrong type or impossible
+            combination; the message names the file and the dotted key path.
+    """
+    base: Path | None = None
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        origin = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read config: {e}") from None
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}:{where} invalid YAML: {e}") from None
+        raw = {} if raw is None else raw
+        base = path.resolve().parent
+    else:
+        origin = "config"
+        raw = _to_plain(source)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: top level must be a mapping, got {type(raw).__name__}")
+    raw = apply_overrides(raw, list(overrides or []))
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise _format_error(e, origin) from None
+    if base is not None:
+        cfg.data.files = [
+            str((base / f).resolve()) if not Path(f).is_absolute() else f for f in cfg.data.files
+        ]
+        src = cfg.model.source
+        if ("/" in src or src.endswith(".gguf")) and not Path(src).is_absolute():
+            cfg.model.source = str((base / src).resolve())
+    return cfg
+
+
+def config_from_json(data: dict[str, Any]) -> RunConfig:
+    """Rebuild a config stored in a checkpoint (already resolved; no path rewriting)."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise _format_error(e, "stored config") from None
+
+
+# --------------------------------------------------------------------------- resume diffs
+
+# Keys whose change breaks bit-exactness or tensor shapes: refused on resume unless the user
+# passes --allow-config-change. Prefix match on the dotted path. data.files is not here: a
+# moved checkout changes the paths, and the data cursor refuses changed content by its
+# fingerprint anyway.
+BREAKING_PREFIXES = (
+    "seed",
+    "model.source",
+    "model.dtype",
+    "model.tiny",
+    "model.dropout",
+    "lora",
+    "data.format",
+    "data.seq_len",
+    "data.packing",
+    "data.text_split",
+    "data.val_fraction",
+    "train.micro_batch_size",
+    "train.grad_accum_steps",
+    "train.optimizer",
+    "train.precision",
+)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        if not d and prefix:
+            out[prefix[:-1]] = {}
+        return out
+    return {prefix[:-1]: d}
+
+
+def diff_configs(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """Dotted keys whose values differ: ``[(key, old_value, new_value), ...]``, sorted."""
+    fo, fn = _flatten(old), _flatten(new)
+    missing = object()
+    out = []
+    for k in sorted(set(fo) | set(fn)):
+        a, b = fo.get(k, missing), fn.get(k, missing)
+        if a != b:
+            out.append((k, None if a is missing else a, None if b is missing else b))
+    return out
+
+
+def breaking_changes(diffs: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
+    """The subset of ``diffs`` that would break exactness or shapes on resume."""
+    return [
+        d for d in diffs if any(d[0] == p or d[0].startswith(p + ".") for p in BREAKING_PREFIXES)
+    ]

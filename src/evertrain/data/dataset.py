@@ -1,0 +1,125 @@
+"""The tokenised, fixed-length training (or validation) set held in memory."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+import xxhash
+from torch.utils.data import Dataset, get_worker_info
+
+FINGERPRINT_VERSION = 1
+
+
+class TokenizedDataset(Dataset[dict[str, torch.Tensor]]):
+    """Rows of ``seq_len`` tokens with labels and attention mask.
+
+    Storage is compact (``int32`` ids and labels, ``bool`` mask); :meth:`__getitem__` returns
+    ``torch.long`` tensors as transformers models expect.
+
+    Args:
+        input_ids: ``int32 [rows, seq_len]`` token ids.
+        labels: ``int32 [rows, seq_len]``, ``-100`` where no loss is taken (see
+            :mod:`evertrain.data.pack` for the convention).
+        attention_mask: ``bool [rows, seq_len]``, False on padding.
+        settings: JSON-able settings that produced the rows (split name, seq_len, packing),
+            folded into :attr:`fingerprint`.
+
+    Attributes:
+        fingerprint: XXH3-128 hex digest over ``settings`` and the bytes of all three tensors:
+            equal fingerprints mean identical rows in identical order.
+        seq_len: tokens per row.
+        getitem_calls: how many times :meth:`__getitem__` ran in *this* process (calls inside
+            DataLoader worker processes are not counted); tests use it to prove a resumed
+            loader does not read consumed examples.
+
+    Raises:
+        ValueError: tensors of different shapes, not 2-D, or of the wrong dtype.
+    """
+
+    def __init__(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
+        if (
+            input_ids.dim() != 2
+            or labels.shape != input_ids.shape
+            or attention_mask.shape != input_ids.shape
+        ):
+            raise ValueError(
+                f"input_ids, labels and attention_mask must share one 2-D shape, got "
+                f"{tuple(input_ids.shape)}, {tuple(labels.shape)}, {tuple(attention_mask.shape)}"
+            )
+        if (
+            input_ids.dtype != torch.int32
+            or labels.dtype != torch.int32
+            or attention_mask.dtype != torch.bool
+        ):
+            raise ValueError("expected int32 input_ids and labels and a bool attention_mask")
+        self.input_ids = input_ids.contiguous()
+        self.labels = labels.contiguous()
+        self.attention_mask = attention_mask.contiguous()
+        self.settings = dict(settings or {})
+        self.seq_len = int(input_ids.shape[1])
+        self.getitem_calls = 0
+        self.fingerprint = self._fingerprint()
+
+    def _fingerprint(self) -> str:
+        h = xxhash.xxh3_128()
+        meta = {
+            "v": FINGERPRINT_VERSION,
+            "shape": list(self.input_ids.shape),
+            "settings": self.settings,
+        }
+        h.update(json.dumps(meta, sort_keys=True).encode("utf-8"))
+        for t in (self.input_ids, self.labels, self.attention_mask):
+            # numpy's buffer is the tensor's memory; little-endian on every supported platform.
+            h.update(np.ascontiguousarray(t.numpy()).view(np.uint8).tobytes())
+        return h.hexdigest()
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        """Row ``i`` as ``{"input_ids", "labels", "attention_mask"}``, each ``long [seq_len]``.
+
+        Raises:
+            IndexError: ``i`` out of range.
+        """
+        if get_worker_info() is None:
+            self.getitem_calls += 1
+        return {
+            "input_ids": self.input_ids[i].long(),
+            "labels": self.labels[i].long(),
+            "attention_mask": self.attention_mask[i].long(),
+        }
+
+    def num_tokens(self, i: int) -> int:
+        """Non-padding tokens in row ``i``."""
+        return int(self.attention_mask[i].sum())
+
+    def num_target_tokens(self, i: int) -> int:
+        """Tokens of row ``i`` with a label (not ``-100``); the loss averages over these
+        (after the causal shift, which drops position 0)."""
+        return int((self.labels[i] != -100).sum())
+
+    @property
+    def total_tokens(self) -> int:
+        """Non-padding tokens in all rows."""
+        return int(self.attention_mask.sum())
+
+    @property
+    def total_target_tokens(self) -> int:
+        """Labelled tokens in all rows."""
+        return int((self.labels != -100).sum())
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenizedDataset(rows={len(self)}, seq_len={self.seq_len}, "
+            f"fingerprint={self.fingerprint[:12]}..., settings={self.settings})"
+        )

@@ -1,0 +1,112 @@
+"""Packing and padding: lay tokenised documents out as fixed-length rows.
+
+Label convention (the one of transformers' causal LMs, which shift internally: the logits at
+position ``i`` are scored against ``labels[i + 1]``): ``labels[i]`` is the token that position
+``i - 1`` must predict, or ``-100`` (ignored). ``labels[i] = -100`` where token ``i`` is
+
+- not a target of its document (prompt, non-assistant turn, ``bos``),
+- the first token of a document: nothing before it in the row belongs to the same
+  document, so no token is ever trained to predict across a document boundary (in
+  particular, the previous document's ``eos`` is never trained to predict the next
+  document's first token),
+- padding.
+
+``packing=True``: all documents are concatenated in order and cut into rows of exactly
+``seq_len`` tokens; a document that does not fit continues at position 0 of the next row
+(that position's label is never used, the shift drops it). The last, incomplete row is kept
+and right-padded (``attention_mask`` 0, labels -100) so no data is lost. Attention still
+spans document boundaries within a row (no block-diagonal mask): the labels stop the loss
+from crossing them, the usual trade-off of packed training.
+
+``packing=False``: one document per row, truncated to ``seq_len`` (losing its tail, its
+``eos`` included; counted in ``truncated_documents``) and right-padded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from evertrain.data.encode import Encoded
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Packed:
+    """Rows ready for :class:`~.dataset.TokenizedDataset`.
+
+    Attributes:
+        input_ids: ``int32 [rows, seq_len]``.
+        labels: ``int32 [rows, seq_len]``, ``-100`` where ignored.
+        attention_mask: ``bool [rows, seq_len]``, False on padding.
+        truncated_documents: documents cut short by ``seq_len`` (``packing=False`` only).
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+    truncated_documents: int = 0
+
+
+def _doc_arrays(doc: Encoded) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(doc[0], dtype=np.int64)
+    labels = np.where(np.asarray(doc[1], dtype=bool), ids, IGNORE_INDEX)
+    if len(labels):
+        labels[0] = IGNORE_INDEX
+    return ids, labels
+
+
+def _to_tensors(
+    ids: np.ndarray, labels: np.ndarray, mask: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (
+        torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int32)),
+        torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int32)),
+        torch.from_numpy(np.ascontiguousarray(mask, dtype=bool)),
+    )
+
+
+def pack(docs: list[Encoded], seq_len: int, pad_id: int) -> Packed:
+    """Concatenate ``docs`` and cut them into rows of ``seq_len`` tokens (see module doc).
+
+    Returns ``ceil(total_tokens / seq_len)`` rows; zero rows for no documents.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    parts = [_doc_arrays(d) for d in docs if d[0]]
+    if not parts:
+        empty = np.zeros((0, seq_len), dtype=np.int64)
+        return Packed(*_to_tensors(empty, empty, empty.astype(bool)))
+    ids = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    total = len(ids)
+    rows = -(-total // seq_len)
+    pad = rows * seq_len - total
+    mask = np.concatenate([np.ones(total, dtype=bool), np.zeros(pad, dtype=bool)])
+    ids = np.concatenate([ids, np.full(pad, pad_id, dtype=np.int64)])
+    labels = np.concatenate([labels, np.full(pad, IGNORE_INDEX, dtype=np.int64)])
+    shape = (rows, seq_len)
+    return Packed(*_to_tensors(ids.reshape(shape), labels.reshape(shape), mask.reshape(shape)))
+
+
+def pad_rows(docs: list[Encoded], seq_len: int, pad_id: int) -> Packed:
+    """One row per document: truncate to ``seq_len`` and right-pad (see module doc)."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    n = len(docs)
+    ids = np.full((n, seq_len), pad_id, dtype=np.int64)
+    labels = np.full((n, seq_len), IGNORE_INDEX, dtype=np.int64)
+    mask = np.zeros((n, seq_len), dtype=bool)
+    truncated = 0
+    for r, d in enumerate(docs):
+        d_ids, d_labels = _doc_arrays(d)
+        if len(d_ids) > seq_len:
+            truncated += 1
+        k = min(len(d_ids), seq_len)
+        ids[r, :k] = d_ids[:k]
+        labels[r, :k] = d_labels[:k]
+        mask[r, :k] = True
+    return Packed(*_to_tensors(ids, labels, mask), truncated_documents=truncated)

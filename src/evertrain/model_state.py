@@ -1,0 +1,57 @@
+"""Owner of the trainable model weights (all of them, or only the LoRA adapter)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from evertrain.models import load_trainable_state, trainable_state
+from evertrain.state import StateError, check_version
+
+# What makes two base models the same for a resume: not the path they were loaded from
+# (a moved directory is still the same model), but the architecture and the weights' hash.
+IDENTITY_KEYS = ("format", "model_type", "weights_hash")
+
+
+class ModelState:
+    """Owner of the trainable parameters; frozen base weights are never saved.
+
+    LoRA: exactly the adapter tensors under PEFT's ``adapter_model.safetensors`` names;
+    full fine-tuning: every parameter and persistent buffer (see
+    :func:`evertrain.models.trainable_state`).
+
+    Args:
+        model: the model being trained (compiled or not).
+        identity: the base model's identity (:class:`evertrain.models.LoadedModel`); a
+            checkpoint made on a different base is refused on load.
+    """
+
+    VERSION = 1
+
+    def __init__(self, model: torch.nn.Module, identity: dict[str, Any]) -> None:
+        self.model, self.identity = model, identity
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.VERSION,
+            "identity": self.identity,
+            "tensors": trainable_state(self.model),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Copy saved tensors into the trainable parameters, in place.
+
+        Raises:
+            StateError: a different base model (architecture or weights hash), or
+                different parameter names, shapes or dtypes.
+        """
+        check_version(state, "model", self.VERSION)
+        saved = {k: state["identity"].get(k) for k in IDENTITY_KEYS}
+        now = {k: self.identity.get(k) for k in IDENTITY_KEYS}
+        if saved != now:
+            raise StateError(
+                f"model: checkpoint was trained on base {saved}, the config loads "
+                f"{now}; use the same model.source as the checkpoint"
+            )
+        load_trainable_state(self.model, state["tensors"])

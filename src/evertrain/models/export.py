@@ -1,0 +1,75 @@
+"""Export a trained model: a PEFT adapter directory, or a merged full model directory.
+
+Both are written atomically (:func:`evertrain.models.atomic.staged_dir`) and load offline
+with the standard libraries, no evertrain needed:
+``PeftModel.from_pretrained(base, adapter_dir)`` and
+``AutoModelForCausalLM.from_pretrained(model_dir)`` / ``AutoTokenizer.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evertrain.models.atomic import staged_dir
+from evertrain.models.offline import ensure_offline
+from evertrain.models.trainable import is_peft_model, unwrap
+
+
+def save_peft_adapter(model: torch.nn.Module, out_dir: str | Path) -> Path:
+    """Write the LoRA adapter as ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+    The tensors are those of :func:`evertrain.models.trainable.trainable_state`, in the
+    model's adapter dtype. ``torch.compile`` wrappers are looked through.
+
+    Returns:
+        ``out_dir`` as a ``Path``.
+
+    Raises:
+        TypeError: ``model`` has no LoRA adapter (full fine-tuning: use
+            :func:`merge_and_save`).
+        FileExistsError: ``out_dir`` exists and is not empty.
+    """
+    ensure_offline()
+    base: Any = unwrap(model)
+    if not is_peft_model(base):
+        raise TypeError(
+            "save_peft_adapter: the model has no LoRA adapter (lora is not configured); "
+            "export a fully fine-tuned model with merge_and_save"
+        )
+    out = Path(out_dir)
+    with staged_dir(out) as tmp:
+        # save_embedding_layers=False: as in trainable_state; "auto" would also look up the
+        # base model's config, online when the base was not a local directory.
+        base.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
+    return out
+
+
+def merge_and_save(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
+    """Write a standalone model: ``config.json``, ``model.safetensors``, tokenizer files.
+
+    With LoRA the adapter is merged (``W + (alpha/r) * B @ A``, PEFT's
+    ``merge_and_unload``) into a deep copy, so the model being trained is left untouched
+    (merging in place and unmerging afterwards would not restore the weights bit for bit).
+    Weights keep the model's dtype. Needs memory for a second copy of the model.
+
+    Returns:
+        ``out_dir`` as a ``Path``.
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and is not empty.
+    """
+    ensure_offline()
+    base: Any = unwrap(model)
+    if is_peft_model(base):
+        merged = copy.deepcopy(base).merge_and_unload()
+    else:
+        merged = base
+    out = Path(out_dir)
+    with staged_dir(out) as tmp:
+        merged.save_pretrained(str(tmp))  # safetensors: the transformers default
+        tokenizer.save_pretrained(str(tmp))
+    return out

@@ -1,0 +1,39 @@
+"""The built-in tiny causal LM for tests and the quick start.
+
+A random-init Llama-architecture model (hidden 64, 2 layers by default) with transformers'
+byte-level ``ByT5Tokenizer`` (vocabulary 384, needs no files), so tests run offline in
+seconds. Weights are drawn from torch's global RNG: seed before calling.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from evertrain.config import ModelConfig
+
+
+def build_tiny(cfg: ModelConfig) -> tuple[Any, Any]:
+    """Return ``(model, tokenizer)``: a ``LlamaForCausalLM`` and a ``ByT5Tokenizer``."""
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = ByT5Tokenizer()
+    t = cfg.tiny
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_heads,
+        max_position_embeddings=t.max_position_embeddings,
+        attention_dropout=cfg.dropout,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    # eager attention: dropout through nn.functional.dropout on the global torch RNG, the
+    # same kernel on every machine (sdpa may pick a different kernel per build).
+    config._attn_implementation = "eager"
+    model = LlamaForCausalLM(config)
+    return model, tok

@@ -1,0 +1,44 @@
+"""Owner of the training counters: global_step, micro-batches, examples, tokens, best metric."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from evertrain.state import check_version
+
+RECENT = 100  # losses kept for smoothing/status after a resume
+
+
+@dataclass
+class Progress:
+    """Training counters (all cumulative over the whole run, never reset per file).
+
+    Attributes:
+        global_step: optimizer steps taken.
+        micro_step: micro-batches consumed (global_step * grad_accum_steps when aligned).
+        examples_seen: training examples (sequences) consumed, all ranks.
+        tokens_seen: non-padding input tokens consumed, all ranks.
+        best_metric / best_step: best eval value so far (per ``checkpoint.best_mode``).
+        recent_losses: the last 100 per-step training losses.
+    """
+
+    VERSION = 1
+    global_step: int = 0
+    micro_step: int = 0
+    examples_seen: int = 0
+    tokens_seen: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    recent_losses: list[float] = field(default_factory=list)
+
+    def record_loss(self, loss: float) -> None:
+        self.recent_losses = (self.recent_losses + [loss])[-RECENT:]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": self.VERSION, **asdict(self)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_version(state, "progress", self.VERSION)
+        for k in asdict(self):
+            setattr(self, k, state[k])

@@ -1,0 +1,426 @@
+"""The training loop, and the wiring of every state owner into one checkpointable run.
+
+Exactness contract: a run resumed from any committed checkpoint produces bit-identical
+weights, optimizer state and per-step losses to a run that never stopped. It holds because
+(1) every piece of state has one owner that is checkpointed (model, optimizer, scheduler,
+data_cursor, rng, progress); (2) the LR and the data order are pure functions of
+global_step and (seed, epoch); (3) nothing between two checkpoints draws from a global RNG
+except the training step itself (data loaders get their own generator, eval disables
+dropout); (4) checkpoints are taken only between optimizer steps.
+
+Process-safety: one trainer per run directory (the ``watch`` daemon holds a file lock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import platform
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evertrain import __version__
+from evertrain.checkpoint import (
+    CheckpointManager,
+    InsufficientDiskSpaceError,
+    SavePolicy,
+    retention_from_config,
+)
+from evertrain.config import ConfigError, RunConfig, breaking_changes, diff_configs
+from evertrain.data import DataCursor, build_datasets, make_loader
+from evertrain.faults import maybe_crash
+from evertrain.metrics import MetricsLog
+from evertrain.model_state import ModelState
+from evertrain.models import load_model, trainable_parameters
+from evertrain.optim import OptimizerState, build_optimizer
+from evertrain.progress import Progress
+from evertrain.rng import RNGState, seed_everything
+from evertrain.schedule import LRScheduler
+
+log = logging.getLogger("evertrain")
+
+
+class ResumeError(RuntimeError):
+    """A run directory cannot be resumed as asked (the message says why and what to do)."""
+
+
+def library_versions() -> dict[str, Any]:
+    """Versions that affect bit-exactness; stored in every checkpoint."""
+    import numpy
+    import safetensors
+    import transformers
+
+    return {
+        "version": 1,
+        "evertrain": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step did (the line written to ``metrics.jsonl``)."""
+
+    global_step: int
+    loss: float  # mean of the micro-batch losses (each a token-mean cross-entropy, nats)
+    lr: float
+    grad_norm: float
+    tokens: int  # non-padding input tokens in this step
+    examples: int  # sequences in this step
+    seconds: float
+    epoch: int
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop finishes the current optimizer step, saves and
+    returns, so a preemption never loses more than the step in flight."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: no handlers
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Trainer:
+    """Builds a run from a config and trains it, resuming from ``RUN/checkpoints``.
+
+    Args:
+        cfg: the validated run config.
+        run_dir: run directory (created); holds ``checkpoints/`` and ``metrics.jsonl``.
+        allow_config_change: resume even if a change would break exactness or shapes.
+        fresh: start from step 0 although the run has checkpoints (they are kept).
+
+    Raises:
+        ResumeError: the run has checkpoints but none verifies, or the stored config
+            differs in a breaking way (lists the keys).
+        evertrain.state.StateError: a checkpoint does not fit the model/optimizer/data.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: str | Path,
+        *,
+        allow_config_change: bool = False,
+        fresh: bool = False,
+    ) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        t = cfg.train
+        seed_everything(cfg.seed)
+        self.device = resolve_device(t.device)
+        loaded = load_model(cfg.model, cfg.lora)
+        self.model, self.tokenizer = loaded.model.to(self.device), loaded.tokenizer
+        # Checkpoints always name the original module's parameters (no _orig_mod.).
+        self.forward = torch.compile(self.model) if cfg.model.compile else self.model
+        self.train_ds, self.val_ds, self.data_report = build_datasets(
+            cfg.data, self.tokenizer, cfg.seed
+        )
+        self.world_size, self.rank = 1, 0
+        global_mb = t.micro_batch_size * self.world_size
+        if len(self.train_ds) < global_mb:
+            raise ConfigError(
+                f"data: {len(self.train_ds)} training sequences, fewer than one micro-batch "
+                f"({global_mb}); add data or lower train.micro_batch_size"
+            )
+        self.cursor = DataCursor(cfg.seed, len(self.train_ds), global_mb, self.train_ds.fingerprint)
+        params = trainable_parameters(self.model)
+        self.optimizer = build_optimizer(params, t)
+        micro_per_epoch = len(self.train_ds) // global_mb
+        self.total_steps = t.max_steps or max(1, t.epochs * micro_per_epoch // t.grad_accum_steps)
+        self.scheduler = LRScheduler(self.optimizer, t.schedule, t.lr, self.total_steps)
+        self.progress, self.rng = Progress(), RNGState()
+        self.owners: dict[str, Any] = {
+            "model": ModelState(self.model, loaded.identity),
+            "optimizer": OptimizerState(self.optimizer, params),
+            "scheduler": self.scheduler,
+            "data_cursor": self.cursor,
+            "progress": self.progress,
+            "rng": self.rng,  # restored last: nothing may draw from the RNGs after it
+        }
+        c = cfg.checkpoint
+        self.checkpoints = CheckpointManager(
+            self.run_dir / "checkpoints",
+            retention_from_config(c),
+            log=log.warning,
+            min_free_bytes=c.min_free_bytes,
+        )
+        self.save_policy = SavePolicy(c.every_steps, c.every_seconds)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.last_eval: dict[str, float] = {}
+        self.resumed_from: int | None = None
+        self._saved_step: int | None = None
+        self._save_pending = False
+        self._resume(allow_config_change, fresh)
+        self.on_step: list[Callable[[StepStats], None]] = []
+
+    # ------------------------------------------------------------------ resume / save
+
+    def _resume(self, allow_config_change: bool, fresh: bool) -> None:
+        if fresh:
+            self.metrics.rewind(0)
+            return
+        info = self.checkpoints.latest_valid()
+        if info is None:
+            if self.checkpoints.committed() or any((self.run_dir / "checkpoints").glob("step-*")):
+                raise ResumeError(
+                    f"{self.run_dir}: has checkpoint directories but none verifies (see the "
+                    f"warnings above); run `evertrain verify {self.run_dir}`, or pass --fresh "
+                    f"to start over (existing checkpoints are kept)"
+                )
+            self.metrics.rewind(0)
+            return
+        states = self.checkpoints.load(info).states
+        diffs = diff_configs(states["config"]["config"], self.cfg.to_json())
+        for key, old, new in diffs:
+            log.warning("config changed since checkpoint: %s: %r -> %r", key, old, new)
+        breaking = breaking_changes(diffs)
+        if breaking and not allow_config_change:
+            keys = ", ".join(k for k, _, _ in breaking)
+            raise ResumeError(
+                f"resume refused: changing {keys} breaks exactness or tensor "
+                f"shapes; restore them, or pass --allow-config-change"
+            )
+        stored_versions = {k: v for k, v in states["versions"].items() if k != "evertrain"}
+        now_versions = {k: v for k, v in library_versions().items() if k != "evertrain"}
+        if stored_versions != now_versions:
+            log.warning(
+                "library versions differ from the checkpoint's (%s now %s): the "
+                "resumed run may not be bit-identical",
+                stored_versions,
+                now_versions,
+            )
+        for name, owner in self.owners.items():
+            owner.load_state_dict(states[name])
+        for change in self.scheduler.changes():
+            log.warning("LR schedule changed since checkpoint: %s", change)
+        self.metrics.rewind(int(info.summary["metrics_offset"]))
+        self.resumed_from = self._saved_step = self.progress.global_step
+        self.last_eval = dict(info.summary.get("metrics", {}))
+        log.info(
+            "resumed from %s (global_step %d, epoch %d, example %d of the epoch)",
+            info.path,
+            self.progress.global_step,
+            self.cursor.epoch,
+            self.cursor.offset,
+        )
+
+    def save(self) -> Path | None:
+        """Commit a checkpoint of the current state; ``None`` if skipped for disk space."""
+        self.metrics.sync()
+        states = {name: owner.state_dict() for name, owner in self.owners.items()}
+        states["config"] = {"version": 1, "config": self.cfg.to_json()}
+        states["versions"] = library_versions()
+        summary = {
+            "global_step": self.progress.global_step,
+            "epoch": self.cursor.epoch,
+            "examples_seen": self.progress.examples_seen,
+            "tokens_seen": self.progress.tokens_seen,
+            "lr": self.scheduler.lr_at(max(self.progress.global_step - 1, 0)),
+            "metrics": dict(self.last_eval),
+            "time": time.time(),
+            # bytes of metrics.jsonl up to this step: it depends on timings, so it lives
+            # here and not in the bit-compared progress state
+            "metrics_offset": self.metrics.offset(),
+        }
+        protect = [] if self.resumed_from is None else [self.resumed_from]
+        try:
+            path = self.checkpoints.save(
+                self.progress.global_step, states, summary, protect=protect
+            )
+        except InsufficientDiskSpaceError as e:
+            log.warning(
+                "CHECKPOINT SKIPPED at global_step %d: %s; will retry, nothing is "
+                "deleted to make room",
+                self.progress.global_step,
+                e,
+            )
+            return None
+        self.save_policy.mark_saved(self.progress.global_step, time.monotonic())
+        self._saved_step = self.progress.global_step
+        return path
+
+    def save_policy_last_step(self) -> int | None:
+        """global_step of the last checkpoint this process committed (or resumed from)."""
+        return self._saved_step
+
+    # ------------------------------------------------------------------ eval
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Token-weighted mean loss (nats) and perplexity over the held-out split."""
+        if len(self.val_ds) == 0:
+            return {}
+        self.model.eval()  # no dropout: eval must not draw from the training RNG
+        mbs, limit = self.cfg.train.micro_batch_size, self.cfg.train.eval_max_batches
+        total, count = 0.0, 0
+        for b, start in enumerate(range(0, len(self.val_ds), mbs)):
+            if limit is not None and b >= limit:
+                break
+            rows = [self.val_ds[i] for i in range(start, min(start + mbs, len(self.val_ds)))]
+            batch = {k: torch.stack([r[k] for r in rows]).to(self.device) for k in rows[0]}
+            with self._autocast():
+                loss = self.forward(**batch).loss
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total, count = total + float(loss) * n, count + n
+        self.model.train()
+        val_loss = total / max(count, 1)
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"
+        )
+
+    # ------------------------------------------------------------------ the loop
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches from the cursor's position; the cursor advances as each is handed
+        out (not as the loader prefetches), so a checkpoint between optimizer steps records
+        exactly what was trained on."""
+        loader = make_loader(
+            self.train_ds,
+            self.cursor,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+            num_workers=self.cfg.data.num_workers,
+            seed=self.cfg.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        for batch in loader:
+            self.cursor.advance()
+            yield batch
+
+    def train_step(self, batches: Iterator[dict[str, torch.Tensor]], epoch: int = 0) -> StepStats:
+        """One optimizer step: ``grad_accum_steps`` micro-batches, clip, step, log.
+
+        Args:
+            batches: yields dicts of ``[micro_batch_size, seq_len]`` long tensors
+                (``input_ids``, ``labels``, ``attention_mask``) and advances its cursor.
+            epoch: recorded in the metrics line.
+        """
+        t, p = self.cfg.train, self.progress
+        step, t0 = p.global_step, time.perf_counter()
+        lr = self.scheduler.apply(step)
+        loss_sum, tokens, examples = 0.0, 0, 0
+        for micro in range(t.grad_accum_steps):
+            batch = {k: v.to(self.device) for k, v in next(batches).items()}
+            with self._autocast():
+                loss = self.forward(**batch).loss / t.grad_accum_steps
+            loss.backward()
+            loss_sum += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+            examples += batch["input_ids"].shape[0]
+            maybe_crash("micro", step + 1, micro)
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.optimizer.param_groups[0]["params"], t.max_grad_norm or math.inf
+        )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        p.global_step, p.micro_step = step + 1, p.micro_step + t.grad_accum_steps
+        p.examples_seen += examples * self.world_size
+        p.tokens_seen += tokens * self.world_size
+        p.record_loss(loss_sum)
+        stats = StepStats(
+            p.global_step,
+            loss_sum,
+            lr,
+            float(norm),
+            tokens,
+            examples,
+            time.perf_counter() - t0,
+            epoch,
+        )
+        self.metrics.write({"kind": "train", **stats.__dict__})
+        for hook in self.on_step:
+            hook(stats)
+        return stats
+
+    def fit(self, max_steps: int | None = None) -> str:
+        """Train until ``total_steps`` (or ``max_steps``) or a stop signal.
+
+        Returns:
+            ``"done"`` or the name of the signal that stopped it (state saved either way).
+        """
+        p = self.progress
+        end = min(self.total_steps, max_steps) if max_steps else self.total_steps
+        batches = self._batches()
+        self.model.train()
+        self.save_policy.mark_saved(p.global_step, time.monotonic())
+        with _StopFlag() as stop:
+            while p.global_step < end and not stop.requested:
+                epoch = self.cursor.epoch
+                self.train_step(batches, epoch)
+                if self.cursor.epoch != epoch:
+                    maybe_crash("epoch", self.cursor.epoch)
+                self._maybe_eval_and_save(end)
+        if stop.requested:
+            if self.save_policy_last_step() != p.global_step:
+                self.save()
+            log.warning(
+                "stopped by %s at global_step %d; checkpoint saved. Resume with the "
+                "same command (evertrain train ... --run-dir %s)",
+                stop.requested,
+                p.global_step,
+                self.run_dir,
+            )
+            return stop.requested
+        return "done"
+
+    def _maybe_eval_and_save(self, end: int) -> None:
+        p, every = self.progress, self.cfg.train.eval_every_steps
+        if (every and p.global_step % every == 0) or p.global_step == end:
+            self.last_eval = self.evaluate()
+            if self.last_eval:
+                self.metrics.write({"kind": "eval", "global_step": p.global_step, **self.last_eval})
+                self._track_best(self.last_eval)
+        # A save skipped for disk space is retried every step until it succeeds.
+        if (
+            p.global_step == end
+            or self._save_pending
+            or self.save_policy.should_save(p.global_step, time.monotonic())
+        ):
+            self._save_pending = self.save() is None
+
+    def _track_best(self, metrics: dict[str, float]) -> None:
+        c, p = self.cfg.checkpoint, self.progress
+        value = metrics.get(c.best_metric)
+        if value is None:
+            return
+        better = p.best_metric is None or (
+            value < p.best_metric if c.best_mode == "min" else value > p.best_metric
+        )
+        if better:
+            p.best_metric, p.best_step = value, p.global_step
+
+    def close(self) -> None:
+        self.metrics.close()

@@ -1,0 +1,192 @@
+"""DataCursor and make_loader: order, exact O(1) resume, world-size independence, RNG hygiene."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from evertrain.data import DataCursor, TokenizedDataset, epoch_permutation, make_loader
+from evertrain.state import StateError, StateVersionError
+
+N, SEQ, SEED = 37, 8, 1234
+
+
+def make_dataset(n: int = N) -> TokenizedDataset:
+    # Row i holds the value i everywhere, so a batch shows which rows it read.
+    ids = torch.arange(n, dtype=torch.int32)[:, None].expand(n, SEQ).contiguous()
+    return TokenizedDataset(
+        ids, ids.clone(), torch.ones(n, SEQ, dtype=torch.bool), {"split": "test"}
+    )
+
+
+def cursor(ds: TokenizedDataset, g: int = 4, seed: int = SEED) -> DataCursor:
+    return DataCursor(seed, len(ds), g, ds.fingerprint)
+
+
+def rows(batch: dict[str, torch.Tensor]) -> list[int]:
+    assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape[1] == SEQ
+    return batch["input_ids"][:, 0].tolist()
+
+
+def take(it: object, k: int) -> list[list[int]]:
+    return [rows(b) for b in itertools.islice(it, k)]  # type: ignore[call-overload]
+
+
+def test_order_is_a_pure_function_of_seed_and_epoch() -> None:
+    torch.manual_seed(0)
+    a = epoch_permutation(SEED, 3, N)
+    torch.manual_seed(99)
+    assert epoch_permutation(SEED, 3, N) == a and sorted(a) == list(range(N))
+    assert epoch_permutation(SEED, 4, N) != a and epoch_permutation(SEED + 1, 3, N) != a
+
+
+def test_advance_rolls_over_epochs_with_drop_last() -> None:
+    ds = make_dataset()
+    c = cursor(ds)
+    assert c.steps_per_epoch == 9  # 37 // 4: one example dropped per epoch
+    for _ in range(9):
+        c.advance()
+    assert (c.epoch, c.offset, c.examples_seen) == (1, 0, 36)
+    c.advance()
+    assert (c.epoch, c.offset, c.step_in_epoch, c.examples_seen) == (1, 4, 1, 40)
+    # indices() follows the permutation of each epoch, continuing across the boundary.
+    it = c.indices()
+    perm1, perm2 = epoch_permutation(SEED, 1, N), epoch_permutation(SEED, 2, N)
+    got = list(itertools.islice(it, 9))
+    assert got[:8] == [perm1[s * 4 : s * 4 + 4] for s in range(1, 9)]
+    assert got[8] == perm2[:4]
+
+
+def test_too_few_examples() -> None:
+    with pytest.raises(ValueError, match="fewer than one global micro-batch"):
+        DataCursor(0, 3, 4, "x")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize(("k", "m"), [(3, 4), (7, 6)])  # (7, 6) crosses into epoch 1
+def test_resume_matches_an_uninterrupted_loader(num_workers: int, k: int, m: int) -> None:
+    ds = make_dataset()
+    ref_cursor = cursor(ds)
+    ref = take(
+        make_loader(ds, ref_cursor, micro_batch_size=4, num_workers=num_workers, seed=SEED), k + m
+    )
+    # A run that consumed k batches, checkpointed, died, and came back in a fresh process.
+    c = cursor(ds)
+    it = make_loader(ds, c, micro_batch_size=4, num_workers=num_workers, seed=SEED)
+    first = take(it, k)
+    for _ in range(k):
+        c.advance()
+    it.close()
+    state = c.state_dict()
+    fresh = cursor(make_dataset())
+    fresh.load_state_dict(state)
+    assert (fresh.epoch, fresh.offset) == (c.epoch, c.offset)
+    rest = take(make_loader(ds, fresh, micro_batch_size=4, num_workers=num_workers, seed=SEED), m)
+    assert first + rest == ref
+    assert all(len(set(r)) == 4 for r in ref)
+
+
+def test_order_does_not_depend_on_world_size() -> None:
+    ds = make_dataset()
+    c = cursor(ds, g=4)
+    for _ in range(5):
+        c.advance()
+    one = take(make_loader(ds, c, micro_batch_size=4, num_workers=0, seed=SEED), 12)
+    r0 = take(
+        make_loader(ds, c, micro_batch_size=2, num_workers=0, seed=SEED, rank=0, world_size=2), 12
+    )
+    r1 = take(
+        make_loader(ds, c, micro_batch_size=2, num_workers=0, seed=SEED, rank=1, world_size=2), 12
+    )
+    assert [a + b for a, b in zip(r0, r1, strict=True)] == one
+
+
+def test_resume_reads_no_consumed_example() -> None:
+    calls = []
+    for epoch, offset in ((0, 0), (500, 32)):
+        ds = make_dataset()
+        c = cursor(ds)
+        state = c.state_dict() | {
+            "epoch": epoch,
+            "offset": offset,
+            "examples_seen": epoch * 36 + offset,
+        }
+        c.load_state_dict(state)
+        it = make_loader(ds, c, micro_batch_size=4, num_workers=0, seed=SEED)
+        got = take(it, 3)
+        calls.append(ds.getitem_calls)
+        perm = epoch_permutation(SEED, epoch, N)
+        assert got[0] == perm[offset : offset + 4]
+    assert calls == [12, 12]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_does_not_touch_the_global_rng(num_workers: int) -> None:
+    ds = make_dataset()
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    it = make_loader(ds, cursor(ds), micro_batch_size=4, num_workers=num_workers, seed=SEED)
+    take(it, 3)
+    it.close()
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_loader_checks_sizes_and_dataset() -> None:
+    ds = make_dataset()
+    with pytest.raises(ValueError, match="global batch size"):
+        make_loader(ds, cursor(ds), micro_batch_size=3, num_workers=0, seed=SEED)
+    with pytest.raises(ValueError, match="not the one the cursor was made for"):
+        make_loader(make_dataset(N + 1), cursor(ds), micro_batch_size=4, num_workers=0, seed=SEED)
+    with pytest.raises(ValueError, match="must divide"):
+        cursor(ds).indices(0, 3)
+
+
+def test_state_dict_is_json_and_refuses_changed_data() -> None:
+    ds = make_dataset()
+    c = cursor(ds)
+    for _ in range(3):
+        c.advance()
+    s = c.state_dict()
+    assert s == {
+        "version": 1,
+        "epoch": 0,
+        "offset": 12,
+        "examples_seen": 12,
+        "seed": SEED,
+        "num_examples": N,
+        "global_batch_size": 4,
+        "fingerprint": ds.fingerprint,
+    }
+    with pytest.raises(StateError, match="training data changed"):
+        cursor(ds).load_state_dict(s | {"fingerprint": "0" * 32})
+    other = make_dataset(N + 1)
+    with pytest.raises(StateError, match="training data changed"):
+        DataCursor(SEED, N + 1, 4, other.fingerprint).load_state_dict(s)
+    with pytest.raises(StateError, match="seed changed"):
+        cursor(ds, seed=SEED + 1).load_state_dict(s)
+    with pytest.raises(StateVersionError):
+        cursor(ds).load_state_dict(s | {"version": 2})
+    with pytest.raises(StateError, match="inconsistent"):
+        cursor(ds).load_state_dict(s | {"offset": 13})
+
+
+def test_batch_size_change_only_at_a_common_multiple() -> None:
+    ds = make_dataset()
+    c = cursor(ds, g=4)
+    for _ in range(3):
+        c.advance()  # offset 12
+    with pytest.raises(StateError, match="global batch size changed"):
+        cursor(ds, g=8).load_state_dict(c.state_dict())
+    six = cursor(ds, g=6)
+    six.load_state_dict(c.state_dict())
+    assert (six.epoch, six.offset, six.examples_seen) == (0, 12, 12)
+    assert next(six.indices()) == epoch_permutation(SEED, 0, N)[12:18]
+    # Offset 32 of G=4 is the end of epoch 0 for G=8 (37 // 8 = 4 steps): it rolls over.
+    for _ in range(5):
+        c.advance()
+    assert (c.epoch, c.offset) == (0, 32)
+    eight = cursor(ds, g=8)
+    eight.load_state_dict(c.state_dict())
+    assert (eight.epoch, eight.offset, eight.examples_seen) == (1, 0, 32)
