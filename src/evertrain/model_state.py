@@ -17,6 +17,10 @@ IDENTITY_KEYS = ("format", "model_type", "weights_hash")
 class ModelState:
     """Owner of the trainable parameters; frozen base weights are never saved.
 
+    The trainer registers it as ``adapter_model`` with LoRA (next to an
+    ``adapter_config.json``, so the checkpoint directory loads with
+    ``PeftModel.from_pretrained(base, checkpoint_dir)``) and as ``model`` otherwise.
+
     LoRA: exactly the adapter tensors under PEFT's ``adapter_model.safetensors`` names;
     full fine-tuning: every parameter and persistent buffer (see
     :func:`evertrain.models.trainable_state`).
@@ -33,11 +37,11 @@ class ModelState:
         self.model, self.identity = model, identity
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.VERSION,
-            "identity": self.identity,
-            "tensors": trainable_state(self.model),
-        }
+        # Tensors sit at the top level so the checkpoint's safetensors keys are the
+        # parameter names themselves: with LoRA the file is a PEFT adapter_model.safetensors
+        # as-is. Parameter names always contain a dot, so they never collide with the
+        # "version" and "identity" keys.
+        return {"version": self.VERSION, "identity": self.identity, **trainable_state(self.model)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Copy saved tensors into the trainable parameters, in place.
@@ -54,4 +58,5 @@ class ModelState:
                 f"model: checkpoint was trained on base {saved}, the config loads "
                 f"{now}; use the same model.source as the checkpoint"
             )
-        load_trainable_state(self.model, state["tensors"])
+        tensors = {k: v for k, v in state.items() if k not in ("version", "identity")}
+        load_trainable_state(self.model, tensors)

@@ -38,7 +38,7 @@ from evertrain.data import DataCursor, build_datasets, make_loader
 from evertrain.faults import maybe_crash
 from evertrain.metrics import MetricsLog
 from evertrain.model_state import ModelState
-from evertrain.models import load_model, trainable_parameters
+from evertrain.models import adapter_config, load_model, trainable_parameters
 from evertrain.optim import OptimizerState, build_optimizer
 from evertrain.progress import Progress
 from evertrain.rng import RNGState, seed_everything
@@ -118,6 +118,10 @@ class Trainer:
         run_dir: run directory (created); holds ``checkpoints/`` and ``metrics.jsonl``.
         allow_config_change: resume even if a change would break exactness or shapes.
         fresh: start from step 0 although the run has checkpoints (they are kept).
+        build_data: build ``cfg.data`` into ``train_ds``/``val_ds`` and a ``data_cursor``
+            owner. The ``watch`` daemon passes False and brings its own data owner in
+            ``extra_owners``; ``total_steps`` is then ``train.max_steps`` (may be None).
+        extra_owners: more state owners to checkpoint and restore (before ``rng``).
 
     Raises:
         ResumeError: the run has checkpoints but none verifies, or the stored config
@@ -132,6 +136,8 @@ class Trainer:
         *,
         allow_config_change: bool = False,
         fresh: bool = False,
+        build_data: bool = True,
+        extra_owners: dict[str, Any] | None = None,
     ) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -142,28 +148,38 @@ class Trainer:
         self.model, self.tokenizer = loaded.model.to(self.device), loaded.tokenizer
         # Checkpoints always name the original module's parameters (no _orig_mod.).
         self.forward = torch.compile(self.model) if cfg.model.compile else self.model
-        self.train_ds, self.val_ds, self.data_report = build_datasets(
-            cfg.data, self.tokenizer, cfg.seed
-        )
         self.world_size, self.rank = 1, 0
-        global_mb = t.micro_batch_size * self.world_size
-        if len(self.train_ds) < global_mb:
-            raise ConfigError(
-                f"data: {len(self.train_ds)} training sequences, fewer than one micro-batch "
-                f"({global_mb}); add data or lower train.micro_batch_size"
+        data_owners: dict[str, Any] = {}
+        self.total_steps: int | None = t.max_steps
+        if build_data:
+            self.train_ds, self.val_ds, self.data_report = build_datasets(
+                cfg.data, self.tokenizer, cfg.seed
             )
-        self.cursor = DataCursor(cfg.seed, len(self.train_ds), global_mb, self.train_ds.fingerprint)
+            global_mb = t.micro_batch_size * self.world_size
+            if len(self.train_ds) < global_mb:
+                raise ConfigError(
+                    f"data: {len(self.train_ds)} training sequences, fewer than one micro-batch"
+                    f" ({global_mb}); add data or lower train.micro_batch_size"
+                )
+            self.cursor = DataCursor(
+                cfg.seed, len(self.train_ds), global_mb, self.train_ds.fingerprint
+            )
+            data_owners["data_cursor"] = self.cursor
+            micro_per_epoch = len(self.train_ds) // global_mb
+            self.total_steps = t.max_steps or max(
+                1, t.epochs * micro_per_epoch // t.grad_accum_steps
+            )
         params = trainable_parameters(self.model)
         self.optimizer = build_optimizer(params, t)
-        micro_per_epoch = len(self.train_ds) // global_mb
-        self.total_steps = t.max_steps or max(1, t.epochs * micro_per_epoch // t.grad_accum_steps)
         self.scheduler = LRScheduler(self.optimizer, t.schedule, t.lr, self.total_steps)
         self.progress, self.rng = Progress(), RNGState()
+        self.model_owner = "adapter_model" if cfg.lora is not None else "model"
         self.owners: dict[str, Any] = {
-            "model": ModelState(self.model, loaded.identity),
+            self.model_owner: ModelState(self.model, loaded.identity),
             "optimizer": OptimizerState(self.optimizer, params),
             "scheduler": self.scheduler,
-            "data_cursor": self.cursor,
+            **data_owners,
+            **(extra_owners or {}),
             "progress": self.progress,
             "rng": self.rng,  # restored last: nothing may draw from the RNGs after it
         }
@@ -182,6 +198,8 @@ class Trainer:
         self._save_pending = False
         self._resume(allow_config_change, fresh)
         self.on_step: list[Callable[[StepStats], None]] = []
+        # extra JSON fields for each checkpoint's manifest summary (the daemon adds its file)
+        self.summary_fields: Callable[[], dict[str, Any]] = dict
 
     # ------------------------------------------------------------------ resume / save
 
@@ -240,9 +258,11 @@ class Trainer:
         states = {name: owner.state_dict() for name, owner in self.owners.items()}
         states["config"] = {"version": 1, "config": self.cfg.to_json()}
         states["versions"] = library_versions()
+        if self.cfg.lora is not None:
+            states["adapter_config"] = adapter_config(self.model)
         summary = {
             "global_step": self.progress.global_step,
-            "epoch": self.cursor.epoch,
+            "epoch": self.cursor.epoch if "data_cursor" in self.owners else None,
             "examples_seen": self.progress.examples_seen,
             "tokens_seen": self.progress.tokens_seen,
             "lr": self.scheduler.lr_at(max(self.progress.global_step - 1, 0)),
@@ -251,6 +271,7 @@ class Trainer:
             # bytes of metrics.jsonl up to this step: it depends on timings, so it lives
             # here and not in the bit-compared progress state
             "metrics_offset": self.metrics.offset(),
+            **self.summary_fields(),
         }
         protect = [] if self.resumed_from is None else [self.resumed_from]
         try:
@@ -276,17 +297,20 @@ class Trainer:
     # ------------------------------------------------------------------ eval
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Token-weighted mean loss (nats) and perplexity over the held-out split."""
-        if len(self.val_ds) == 0:
+    def evaluate(self, dataset: Any = None) -> dict[str, float]:
+        """Token-weighted mean loss (nats) and perplexity over ``dataset`` (default: the
+        held-out split); ``{}`` when it is empty. Uses no RNG and leaves the model in train
+        mode."""
+        ds = self.val_ds if dataset is None else dataset
+        if len(ds) == 0:
             return {}
         self.model.eval()  # no dropout: eval must not draw from the training RNG
         mbs, limit = self.cfg.train.micro_batch_size, self.cfg.train.eval_max_batches
         total, count = 0.0, 0
-        for b, start in enumerate(range(0, len(self.val_ds), mbs)):
+        for b, start in enumerate(range(0, len(ds), mbs)):
             if limit is not None and b >= limit:
                 break
-            rows = [self.val_ds[i] for i in range(start, min(start + mbs, len(self.val_ds)))]
+            rows = [ds[i] for i in range(start, min(start + mbs, len(ds)))]
             batch = {k: torch.stack([r[k] for r in rows]).to(self.device) for k in rows[0]}
             with self._autocast():
                 loss = self.forward(**batch).loss
@@ -372,6 +396,8 @@ class Trainer:
             ``"done"`` or the name of the signal that stopped it (state saved either way).
         """
         p = self.progress
+        if self.total_steps is None:
+            raise ConfigError("train.max_steps: needed when the trainer has no data of its own")
         end = min(self.total_steps, max_steps) if max_steps else self.total_steps
         batches = self._batches()
         self.model.train()

@@ -19,7 +19,8 @@ PLAIN_EVERY_SECONDS = 10.0
 @contextlib.contextmanager
 def attach_progress(trainer: Trainer, max_steps: int | None) -> Iterator[None]:
     """Show steps, loss, LR, tokens/s and ETA while ``trainer.fit`` runs."""
-    end = min(trainer.total_steps, max_steps) if max_steps else trainer.total_steps
+    total = trainer.total_steps or 0
+    end = min(total, max_steps) if max_steps else total
     start = trainer.progress.global_step
     t0 = time.monotonic()
     tokens = [0]

@@ -16,7 +16,7 @@ import torch
 
 from evertrain.config import LoraConfig, ModelConfig
 from evertrain.models.errors import ModelCacheError, ModelSourceError
-from evertrain.models.export import merge_and_save, save_peft_adapter
+from evertrain.models.export import adapter_config, merge_and_save, save_peft_adapter
 from evertrain.models.lora import apply_lora, default_target_modules
 from evertrain.models.offline import ensure_offline
 from evertrain.models.trainable import (
@@ -28,6 +28,7 @@ from evertrain.models.trainable import (
 )
 
 __all__ = [
+    "adapter_config",
     "trainable_parameters",
     "LoadedModel",
     "ModelCacheError",

@@ -73,3 +73,29 @@ def merge_and_save(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path) 
         merged.save_pretrained(str(tmp))  # safetensors: the transformers default
         tokenizer.save_pretrained(str(tmp))
     return out
+
+
+def adapter_config(model: torch.nn.Module) -> dict[str, Any]:
+    """The ``adapter_config.json`` PEFT would write for ``model``'s active adapter, as a dict.
+
+    Serialised by PEFT itself (``PeftConfig.save_pretrained`` into a temporary directory),
+    with ``inference_mode`` true as ``PeftModel.save_pretrained`` sets it, so a checkpoint
+    that stores it next to ``adapter_model.safetensors`` loads with
+    ``PeftModel.from_pretrained(base, checkpoint_dir)``.
+
+    Raises:
+        TypeError: ``model`` has no LoRA adapter.
+    """
+    import copy
+    import json
+    import tempfile
+
+    base: Any = unwrap(model)
+    if not is_peft_model(base):
+        raise TypeError("adapter_config: the model has no LoRA adapter")
+    cfg = copy.deepcopy(base.peft_config[base.active_adapter])
+    cfg.inference_mode = True
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg.save_pretrained(tmp)
+        out: dict[str, Any] = json.loads((Path(tmp) / "adapter_config.json").read_text())
+    return out
