@@ -126,6 +126,41 @@ class CheckpointConfig(_Section):
     min_free_bytes: int = Field(0, ge=0)  # skip (and retry) a save when less is free
 
 
+class WatchConfig(_Section):
+    """The ``evertrain watch`` daemon (see :mod:`evertrain.daemon`): intake, training per
+    file, replay, forgetting evaluation, snapshots and status. Ignored by ``evertrain train``.
+    """
+
+    epochs_per_file: int = Field(1, gt=0)  # passes over each file's training split
+    # share of every micro-batch drawn from earlier files' training rows (0 = off)
+    replay_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    replay_window_files: int | None = Field(None, gt=0)  # most recent N earlier files; None = all
+    eval_earlier_files: int = Field(8, ge=0)  # held-out loss on the N most recent earlier files
+    settle_seconds: float = Field(2.0, ge=0)  # size and mtime unchanged this long = complete
+    settle_timeout_seconds: float = Field(3600.0, gt=0)  # still changing after this: rejected
+    poll_seconds: float = Field(1.0, gt=0)  # inbox scan interval (also the event fallback)
+    max_file_bytes: int = Field(1 << 30, gt=0)  # larger inbox files are rejected unread
+    retrain_duplicates: bool = False  # train a file again although identical to a done one
+    snapshot_every_files: int | None = Field(None, gt=0)  # after every N trained files
+    snapshot_daily_at: str | None = None  # "HH:MM", local time
+    snapshot_keep_last: int | None = Field(None, gt=0)  # None = keep every snapshot
+    snapshot_merge: bool = False  # also export a merged full model ("consolidation")
+    status_every_seconds: float = Field(2.0, gt=0)  # RUN/status.json refresh interval
+    disk_retry_seconds: float = Field(30.0, gt=0)  # wait before retrying a skipped save
+
+    @model_validator(mode="after")
+    def _check(self) -> WatchConfig:
+        at = self.snapshot_daily_at
+        if at is not None:
+            hh, sep, mm = at.partition(":")
+            if (
+                not (sep and hh.isdigit() and mm.isdigit() and int(hh) < 24 and int(mm) < 60)
+                or len(mm) != 2
+            ):
+                raise ValueError(f"snapshot_daily_at must be local time HH:MM, got {at!r}")
+        return self
+
+
 class RunConfig(_Section):
     """The whole run. ``lora`` absent (``None``) means full fine-tuning."""
 
@@ -135,6 +170,7 @@ class RunConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    watch: WatchConfig = Field(default_factory=WatchConfig)
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -245,8 +281,9 @@ def load_config(
             raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}:{where} invalid YAML: {e}") from None
+            where = f" line {mark.line + 1} column {mark.column + 1}:" if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e)
+            raise ConfigError(f"{path}:{where} invalid YAML: {' '.join(what.split())}") from None
         raw = {} if raw is None else raw
         base = path.resolve().parent
     else:
