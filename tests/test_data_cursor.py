@@ -60,7 +60,7 @@ def test_advance_rolls_over_epochs_with_drop_last() -> None:
 
 
 def test_too_few_examples() -> None:
-    with pytest.raises(ValueError, match="fewer than one global micro-batch"):
+    with pytest.raises(ValueError, match="fewer than one global batch"):
         DataCursor(0, 3, 4, "x")
 
 
@@ -190,3 +190,68 @@ def test_batch_size_change_only_at_a_common_multiple() -> None:
     eight = cursor(ds, g=8)
     eight.load_state_dict(c.state_dict())
     assert (eight.epoch, eight.offset, eight.examples_seen) == (1, 0, 32)
+
+
+def global_steps(ds: TokenizedDataset, g: int, mbs: int, world: int, steps: int) -> list[list[int]]:
+    """The example ids of each optimizer step when a cursor batch of ``g`` is trained as
+    ``g // (mbs * world)`` accumulation micro-steps on ``world`` ranks, in global order
+    (micro-step by micro-step, rank by rank), advancing the cursor as the trainer does."""
+    c = cursor(ds, g=g)
+    its = [
+        make_loader(ds, c, micro_batch_size=mbs, num_workers=0, seed=SEED, rank=r, world_size=world)
+        for r in range(world)
+    ]
+    out = []
+    for _ in range(steps):
+        ids: list[int] = []
+        for _micro in range(g // (mbs * world)):
+            for it in its:
+                ids += rows(next(it))
+            c.advance(mbs * world)
+        assert c.offset % g == 0  # between optimizer steps the offset is whole batches
+        out.append(ids)
+    return out
+
+
+def test_split_into_micro_steps_and_ranks_does_not_change_a_step() -> None:
+    """1 process x accumulation 4, 2 x 2, 4 x 1 and 2 processes with 1-row micro-batches
+    (x accumulation 4) see the same examples, in the same global order, in every optimizer
+    step, across an epoch boundary; the epoch is whole global batches (drop_last of G)."""
+    ds = make_dataset()
+    ref = global_steps(ds, 8, 2, 1, 10)
+    assert cursor(ds, g=8).steps_per_epoch == 4  # 37 // 8: 5 examples dropped per epoch
+    perm0, perm1 = epoch_permutation(SEED, 0, N), epoch_permutation(SEED, 1, N)
+    assert ref[:4] == [perm0[s * 8 : s * 8 + 8] for s in range(4)]
+    assert ref[4:8] == [perm1[s * 8 : s * 8 + 8] for s in range(4)]
+    for mbs, world in ((4, 2), (2, 4), (1, 2), (8, 1)):
+        assert global_steps(ds, 8, mbs, world, 10) == ref, (mbs, world)
+
+
+def test_advance_by_micro_batches_and_split_checks() -> None:
+    ds = make_dataset()
+    c = cursor(ds, g=8)
+    for _ in range(3):
+        c.advance(2)
+    assert (c.epoch, c.offset, c.examples_seen) == (0, 6, 6)
+    with pytest.raises(ValueError, match="inside a global micro-batch"):
+        make_loader(ds, c, micro_batch_size=4, num_workers=0, seed=SEED)
+    c.advance(2)
+    for _ in range(3):
+        c.advance()
+    assert (c.epoch, c.offset, c.examples_seen) == (1, 0, 32)  # epoch = 4 batches of 8
+    with pytest.raises(ValueError, match="cannot advance"):
+        c.advance(40)
+    with pytest.raises(ValueError, match="does not divide"):
+        make_loader(ds, c, micro_batch_size=3, num_workers=0, seed=SEED, world_size=2)
+    with pytest.raises(ValueError, match="out of range"):
+        make_loader(ds, c, micro_batch_size=4, num_workers=0, seed=SEED, rank=2, world_size=2)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_consumed_lists_the_indices_handed_out(num_workers: int) -> None:
+    ds = make_dataset()
+    c = cursor(ds, g=4)
+    it = make_loader(ds, c, micro_batch_size=2, num_workers=num_workers, seed=SEED)
+    got = take(it, 5)
+    assert list(it.consumed) == got
+    it.close()

@@ -113,7 +113,24 @@ class TrainConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    """When to save and which checkpoints to keep."""
+    """When to save, how, and which checkpoints to keep.
+
+    ``async`` (field ``async_save``, since ``async`` is a Python keyword): save in the
+    background; the training step only waits for a copy of the state into host memory
+    (see :meth:`evertrain.checkpoint.CheckpointManager.save_async`). Both spellings are
+    accepted on input; dumps use ``async``.
+    """
+
+    # validate_by_name: CheckpointConfig(async_save=True) works from Python;
+    # serialize_by_alias: the stored config reads like the YAML (checkpoint.async).
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        validate_assignment=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+    )
 
     every_steps: int | None = Field(None, gt=0)
     every_seconds: float | None = Field(None, gt=0)
@@ -124,6 +141,7 @@ class CheckpointConfig(_Section):
     keep_every_steps: int | None = Field(None, gt=0)
     pinned: list[int] = Field(default_factory=list)  # global_steps never deleted
     min_free_bytes: int = Field(0, ge=0)  # skip (and retry) a save when less is free
+    async_save: bool = Field(False, alias="async")  # write checkpoints in the background
 
 
 class WatchConfig(_Section):
@@ -260,8 +278,8 @@ def load_config(
         source: path to a YAML file, a ``dict``, or an OmegaConf ``DictConfig``.
         overrides: ``dotted.key=value`` strings applied before validation.
 
-    Relative ``data.files`` and ``model.source`` paths in a YAML file are resolved against
-    the file's directory, so a config works from any working directory.
+    Relative ``data.files``, ``model.source`` and ``*.cache_dir`` paths in a YAML file are
+    resolved against the file's directory, so a config works from any working directory.
 
     Raises:
         ConfigError: unreadable file, invalid YAML, unknown key, wrong type or impossible
@@ -300,6 +318,9 @@ def load_config(
         cfg.data.files = [
             str((base / f).resolve()) if not Path(f).is_absolute() else f for f in cfg.data.files
         ]
+        for section in (cfg.data, cfg.model):
+            if section.cache_dir and not Path(section.cache_dir).expanduser().is_absolute():
+                section.cache_dir = str((base / section.cache_dir).resolve())
         src = cfg.model.source
         if ("/" in src or src.endswith(".gguf")) and not Path(src).is_absolute():
             cfg.model.source = str((base / src).resolve())

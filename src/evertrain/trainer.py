@@ -8,12 +8,15 @@ global_step and (seed, epoch); (3) nothing between two checkpoints draws from a 
 except the training step itself (data loaders get their own generator, eval disables
 dropout); (4) checkpoints are taken only between optimizer steps.
 
-Process-safety: one trainer per run directory (the ``watch`` daemon holds a file lock).
+Process-safety: one trainer per run directory (the ``watch`` daemon holds a file lock);
+under torchrun one per rank, in lockstep (see :mod:`evertrain.distributed`): rank 0 writes
+the metrics and commits checkpoints, every rank writes its own RNG state.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import platform
@@ -26,13 +29,14 @@ from typing import Any
 
 import torch
 
-from evertrain import __version__
+from evertrain import __version__, distributed
 from evertrain.checkpoint import (
     CheckpointManager,
     InsufficientDiskSpaceError,
     SavePolicy,
     retention_from_config,
 )
+from evertrain.checkpoint.ranks import choose_checkpoint, save_ranked
 from evertrain.config import ConfigError, RunConfig, breaking_changes, diff_configs
 from evertrain.data import DataCursor, build_datasets, make_loader
 from evertrain.faults import maybe_crash
@@ -143,32 +147,47 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         t = cfg.train
         seed_everything(cfg.seed)
-        self.device = resolve_device(t.device)
+        # Under torchrun: join the process group (gloo on CPU, nccl on CUDA); else 1 process.
+        self.dist = distributed.setup(t.device)
+        self.device = self.dist.device
+        self.world_size, self.rank = self.dist.world_size, self.dist.rank
         loaded = load_model(cfg.model, cfg.lora)
         self.model, self.tokenizer = loaded.model.to(self.device), loaded.tokenizer
-        # Checkpoints always name the original module's parameters (no _orig_mod.).
-        self.forward = torch.compile(self.model) if cfg.model.compile else self.model
-        self.world_size, self.rank = 1, 0
+        distributed.seed_rank(cfg.seed, self.dist)  # ranks > 0: their own dropout masks
+        # DDP with several ranks. Checkpoints always name the original module's parameters
+        # (no module. or _orig_mod.).
+        self.ddp = distributed.wrap_model(self.model, self.dist)
+        self.forward = torch.compile(self.ddp) if cfg.model.compile else self.ddp
+        # Chosen before the data: on a different number of processes its global batch
+        # fixes the accumulation.
+        self._resume_info = (
+            None
+            if fresh
+            else choose_checkpoint(self.run_dir / "checkpoints", self.dist, log.warning)
+        )
+        self.grad_accum_steps = distributed.grad_accum_for_resume(cfg, self.dist, self._resume_info)
         data_owners: dict[str, Any] = {}
         self.total_steps: int | None = t.max_steps
         if build_data:
             self.train_ds, self.val_ds, self.data_report = build_datasets(
                 cfg.data, self.tokenizer, cfg.seed
             )
-            global_mb = t.micro_batch_size * self.world_size
-            if len(self.train_ds) < global_mb:
+            # The cursor counts optimizer steps' global batches (epoch length, drop_last),
+            # so the data sequence does not depend on the (accumulation x ranks) split.
+            global_batch = t.micro_batch_size * self.grad_accum_steps * self.world_size
+            if len(self.train_ds) < global_batch:
                 raise ConfigError(
-                    f"data: {len(self.train_ds)} training sequences, fewer than one micro-batch"
-                    f" ({global_mb}); add data or lower train.micro_batch_size"
+                    f"data: {len(self.train_ds)} training sequences, fewer than one global "
+                    f"batch ({global_batch} = micro_batch_size {t.micro_batch_size} x "
+                    f"grad_accum_steps {self.grad_accum_steps} x {self.world_size} "
+                    f"process(es)); add data or lower train.micro_batch_size or "
+                    f"train.grad_accum_steps"
                 )
             self.cursor = DataCursor(
-                cfg.seed, len(self.train_ds), global_mb, self.train_ds.fingerprint
+                cfg.seed, len(self.train_ds), global_batch, self.train_ds.fingerprint
             )
             data_owners["data_cursor"] = self.cursor
-            micro_per_epoch = len(self.train_ds) // global_mb
-            self.total_steps = t.max_steps or max(
-                1, t.epochs * micro_per_epoch // t.grad_accum_steps
-            )
+            self.total_steps = t.max_steps or max(1, t.epochs * self.cursor.steps_per_epoch)
         params = trainable_parameters(self.model)
         self.optimizer = build_optimizer(params, t)
         self.scheduler = LRScheduler(self.optimizer, t.schedule, t.lr, self.total_steps)
@@ -191,13 +210,18 @@ class Trainer:
             min_free_bytes=c.min_free_bytes,
         )
         self.save_policy = SavePolicy(c.every_steps, c.every_seconds)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.metrics = (
+            MetricsLog(self.run_dir / "metrics.jsonl")
+            if self.rank == 0
+            else distributed.NullMetricsLog()
+        )
         self.last_eval: dict[str, float] = {}
         self.resumed_from: int | None = None
         self._saved_step: int | None = None
         self._save_pending = False
         self._resume(allow_config_change, fresh)
         self.on_step: list[Callable[[StepStats], None]] = []
+        self.on_step.extend(distributed.debug_hooks(self))
         # extra JSON fields for each checkpoint's manifest summary (the daemon adds its file)
         self.summary_fields: Callable[[], dict[str, Any]] = dict
 
@@ -207,7 +231,7 @@ class Trainer:
         if fresh:
             self.metrics.rewind(0)
             return
-        info = self.checkpoints.latest_valid()
+        info = self._resume_info
         if info is None:
             if self.checkpoints.committed() or any((self.run_dir / "checkpoints").glob("step-*")):
                 raise ResumeError(
@@ -237,6 +261,8 @@ class Trainer:
                 stored_versions,
                 now_versions,
             )
+        # this rank's RNG state (rng_rank<R>; derived for a rank the checkpoint lacks)
+        states["rng"] = distributed.rng_state_for_rank(states, self.dist, self.cfg.seed)
         for name, owner in self.owners.items():
             owner.load_state_dict(states[name])
         for change in self.scheduler.changes():
@@ -244,18 +270,29 @@ class Trainer:
         self.metrics.rewind(int(info.summary["metrics_offset"]))
         self.resumed_from = self._saved_step = self.progress.global_step
         self.last_eval = dict(info.summary.get("metrics", {}))
-        log.info(
-            "resumed from %s (global_step %d, epoch %d, example %d of the epoch)",
-            info.path,
-            self.progress.global_step,
-            self.cursor.epoch,
-            self.cursor.offset,
+        # A trainer without data of its own (the watch daemon) has no data_cursor: its data
+        # owner reports its own position.
+        where = (
+            f", epoch {self.cursor.epoch}, example {self.cursor.offset} of the epoch"
+            if "data_cursor" in self.owners
+            else ""
         )
+        log.info("resumed from %s (global_step %d%s)", info.path, self.progress.global_step, where)
 
     def save(self) -> Path | None:
-        """Commit a checkpoint of the current state; ``None`` if skipped for disk space."""
+        """Commit a checkpoint of the current state; ``None`` if skipped for disk space.
+
+        With ``checkpoint.async`` the state is only copied here and the checkpoint is
+        committed in the background: the returned directory exists once
+        :meth:`wait_for_checkpoint` (or the next save) returns.
+        """
         self.metrics.sync()
-        states = {name: owner.state_dict() for name, owner in self.owners.items()}
+        # Ranks > 0 save only their own RNG state; rank 0 writes the replicated owners.
+        states = {
+            name: owner.state_dict()
+            for name, owner in self.owners.items()
+            if self.rank == 0 or name in distributed.PER_RANK_OWNERS
+        }
         states["config"] = {"version": 1, "config": self.cfg.to_json()}
         states["versions"] = library_versions()
         if self.cfg.lora is not None:
@@ -271,13 +308,23 @@ class Trainer:
             # bytes of metrics.jsonl up to this step: it depends on timings, so it lives
             # here and not in the bit-compared progress state
             "metrics_offset": self.metrics.offset(),
+            # the split of the global batch (a resume on another process count keeps it)
+            "batch": {
+                "world_size": self.world_size,
+                "micro_batch_size": self.cfg.train.micro_batch_size,
+                "grad_accum_steps": self.grad_accum_steps,
+            },
             **self.summary_fields(),
         }
         protect = [] if self.resumed_from is None else [self.resumed_from]
-        try:
-            path = self.checkpoints.save(
-                self.progress.global_step, states, summary, protect=protect
+        c = self.checkpoints
+        save = c.save_async if self.cfg.checkpoint.async_save else c.save
+        if self.world_size > 1:  # every rank writes its part, rank 0 commits (synchronous)
+            save = functools.partial(
+                save_ranked, c, self.dist, async_requested=self.cfg.checkpoint.async_save
             )
+        try:
+            path = save(self.progress.global_step, states, summary, protect=protect)
         except InsufficientDiskSpaceError as e:
             log.warning(
                 "CHECKPOINT SKIPPED at global_step %d: %s; will retry, nothing is "
@@ -288,7 +335,28 @@ class Trainer:
             return None
         self.save_policy.mark_saved(self.progress.global_step, time.monotonic())
         self._saved_step = self.progress.global_step
+        self._log_checkpoint_stats()
         return path
+
+    # ------------------------------------------------------------------ async checkpoints
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until a background save (``checkpoint.async``) is committed; no-op if none.
+
+        Raises:
+            Exception: what made the background save fail (e.g. ``CheckpointWriteError``).
+        """
+        self.checkpoints.wait()
+        self._log_checkpoint_stats()
+
+    def _poll_checkpoint(self) -> None:
+        # A failed background save is raised here, at the step after it failed.
+        self.checkpoints.check()
+        self._log_checkpoint_stats()
+
+    def _log_checkpoint_stats(self) -> None:
+        for stats in self.checkpoints.take_stats():
+            self.metrics.write(stats.as_metrics())
 
     def save_policy_last_step(self) -> int | None:
         """global_step of the last checkpoint this process committed (or resumed from)."""
@@ -310,6 +378,8 @@ class Trainer:
         for b, start in enumerate(range(0, len(ds), mbs)):
             if limit is not None and b >= limit:
                 break
+            if b % self.world_size != self.rank:  # each rank evaluates its share
+                continue
             rows = [ds[i] for i in range(start, min(start + mbs, len(ds)))]
             batch = {k: torch.stack([r[k] for r in rows]).to(self.device) for k in rows[0]}
             with self._autocast():
@@ -317,6 +387,7 @@ class Trainer:
             n = int((batch["labels"][:, 1:] != -100).sum())
             total, count = total + float(loss) * n, count + n
         self.model.train()
+        total, count = distributed.eval_totals(self.dist, total, count)
         val_loss = total / max(count, 1)
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
@@ -340,39 +411,63 @@ class Trainer:
             rank=self.rank,
             world_size=self.world_size,
         )
+        self.loader = loader  # its .consumed ids feed the example-id debug log
         for batch in loader:
-            self.cursor.advance()
+            self.cursor.advance(self.cfg.train.micro_batch_size * self.world_size)
             yield batch
 
-    def train_step(self, batches: Iterator[dict[str, torch.Tensor]], epoch: int = 0) -> StepStats:
+    def train_step(
+        self,
+        batches: Iterator[dict[str, torch.Tensor]],
+        epoch: int = 0,
+        micro_batches: int | None = None,
+    ) -> StepStats:
         """One optimizer step: ``grad_accum_steps`` micro-batches, clip, step, log.
 
         Args:
             batches: yields dicts of ``[micro_batch_size, seq_len]`` long tensors
                 (``input_ids``, ``labels``, ``attention_mask``) and advances its cursor.
             epoch: recorded in the metrics line.
+            micro_batches: micro-batches in this step, default ``grad_accum_steps``; the
+                watch daemon passes fewer for a file's last step so no example of the file
+                is dropped (the loss is then the mean over those micro-batches).
+
+        Raises:
+            ValueError: ``micro_batches`` is not in ``1..grad_accum_steps``.
         """
+        self._poll_checkpoint()
         t, p = self.cfg.train, self.progress
+        accum = self.grad_accum_steps  # train.grad_accum_steps, or adjusted on resume
+        n_micro = accum if micro_batches is None else micro_batches
+        if not 1 <= n_micro <= accum:
+            raise ValueError(
+                f"micro_batches must be in 1..{accum} (grad_accum_steps), got {micro_batches}"
+            )
         step, t0 = p.global_step, time.perf_counter()
         lr = self.scheduler.apply(step)
         loss_sum, tokens, examples = 0.0, 0, 0
-        for micro in range(t.grad_accum_steps):
+        for micro in range(n_micro):
             batch = {k: v.to(self.device) for k, v in next(batches).items()}
-            with self._autocast():
-                loss = self.forward(**batch).loss / t.grad_accum_steps
-            loss.backward()
+            # DDP all-reduces the gradients in the last micro-step's backward only
+            with distributed.no_sync(self.ddp, last=micro == n_micro - 1):
+                with self._autocast():
+                    loss = self.forward(**batch).loss / n_micro
+                loss.backward()
             loss_sum += loss.item()
             tokens += int(batch["attention_mask"].sum())
             examples += batch["input_ids"].shape[0]
             maybe_crash("micro", step + 1, micro)
+            self.dist.maybe_crash("micro", step + 1, micro)
         norm = torch.nn.utils.clip_grad_norm_(
             self.optimizer.param_groups[0]["params"], t.max_grad_norm or math.inf
         )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        p.global_step, p.micro_step = step + 1, p.micro_step + t.grad_accum_steps
-        p.examples_seen += examples * self.world_size
-        p.tokens_seen += tokens * self.world_size
+        # global mean loss, global tokens and examples (one process: its own, untouched)
+        loss_sum, tokens, examples = distributed.step_totals(self.dist, loss_sum, tokens, examples)
+        p.global_step, p.micro_step = step + 1, p.micro_step + n_micro
+        p.examples_seen += examples
+        p.tokens_seen += tokens
         p.record_loss(loss_sum)
         stats = StepStats(
             p.global_step,
@@ -403,23 +498,28 @@ class Trainer:
         self.model.train()
         self.save_policy.mark_saved(p.global_step, time.monotonic())
         with _StopFlag() as stop:
-            while p.global_step < end and not stop.requested:
+            # Ranks agree on stopping after each step: a rank stopping alone would leave the
+            # others waiting in a collective.
+            while p.global_step < end and not self.dist.agree_stop(stop.requested):
                 epoch = self.cursor.epoch
                 self.train_step(batches, epoch)
                 if self.cursor.epoch != epoch:
                     maybe_crash("epoch", self.cursor.epoch)
                 self._maybe_eval_and_save(end)
-        if stop.requested:
-            if self.save_policy_last_step() != p.global_step:
+            stopped = self.dist.agree_stop(stop.requested)
+            if stopped and self.save_policy_last_step() != p.global_step:
                 self.save()
+            # Inside the signal guard: a second SIGTERM cannot cut the last save short.
+            self.wait_for_checkpoint()
+        if stopped:
             log.warning(
                 "stopped by %s at global_step %d; checkpoint saved. Resume with the "
                 "same command (evertrain train ... --run-dir %s)",
-                stop.requested,
+                stopped,
                 p.global_step,
                 self.run_dir,
             )
-            return stop.requested
+            return stopped
         return "done"
 
     def _maybe_eval_and_save(self, end: int) -> None:
@@ -433,7 +533,8 @@ class Trainer:
         if (
             p.global_step == end
             or self._save_pending
-            or self.save_policy.should_save(p.global_step, time.monotonic())
+            # agreed: a timer (every_seconds) may fire on one rank and not another
+            or self.dist.any(self.save_policy.should_save(p.global_step, time.monotonic()))
         ):
             self._save_pending = self.save() is None
 
@@ -449,4 +550,9 @@ class Trainer:
             p.best_metric, p.best_step = value, p.global_step
 
     def close(self) -> None:
-        self.metrics.close()
+        """Wait for a background save (raising its error), then close ``metrics.jsonl``."""
+        try:
+            self.wait_for_checkpoint()
+        finally:
+            self.checkpoints.close()
+            self.metrics.close()

@@ -3,7 +3,9 @@
 See ``docs/checkpoint-format.md`` for the on-disk format. Public API:
 
 - :func:`write_checkpoint`, :func:`read_checkpoint`, :func:`verify_checkpoint`: one directory.
-- :class:`CheckpointManager`: the checkpoints of a run (save + retention, latest valid, load).
+- :class:`CheckpointManager`: the checkpoints of a run (save + retention, latest valid, load),
+  synchronously or in the background (``save_async``); :class:`SaveStats` records each save's
+  cost.
 - :class:`SavePolicy` and the retention policies :class:`KeepLast`, :class:`KeepBest`,
   :class:`KeepEvery`, :class:`KeepPinned`, :class:`KeepUnion` (or ``a | b``).
 """
@@ -35,6 +37,7 @@ from evertrain.checkpoint.policy import (
     SavePolicy,
     retention_from_config,
 )
+from evertrain.checkpoint.writer import SaveStats
 
 __all__ = [
     "FORMAT_VERSION",
@@ -53,6 +56,7 @@ __all__ = [
     "Problem",
     "RetentionPolicy",
     "SavePolicy",
+    "SaveStats",
     "estimate_size",
     "read_checkpoint",
     "retention_from_config",

@@ -14,10 +14,10 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import safetensors
 import safetensors.torch
@@ -25,12 +25,16 @@ import torch
 import xxhash
 
 from evertrain import faults
+from evertrain.checkpoint import safetensors_stream as stream
 from evertrain.checkpoint.errors import (
     CheckpointError,
     CheckpointWriteError,
     CorruptCheckpointError,
     Problem,
 )
+
+if TYPE_CHECKING:
+    from evertrain.checkpoint.ranks import PeerFiles
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -46,6 +50,7 @@ _DTYPE_NAMES = (
 )
 DTYPES = frozenset(d for n in _DTYPE_NAMES.split() if (d := getattr(torch, n, None)) is not None)
 _CHUNK = 16 << 20  # write/hash granularity; bounds no memory, only syscall count
+_SMALL = 1 << 20  # parts below this are gathered into one write
 _HEX128 = re.compile(r"[0-9a-f]{32}")
 SELF_DIGEST = "manifest_xxh3_128"  # the manifest's own digest, see _seal
 _SELF_PREFIX = b'"manifest_xxh3_128": "'
@@ -85,10 +90,12 @@ class LoadedCheckpoint:
 # --------------------------------------------------------------------------- writing
 
 
-def _split(
-    owner: str, node: Any, path: list[str], tensors: dict[str, torch.Tensor], storages: set[int]
-) -> Any:
-    """JSON tree of ``node`` with tensors moved into ``tensors`` (key = path joined by "/")."""
+def _split(owner: str, node: Any, path: list[str], tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON tree of ``node`` with tensors moved into ``tensors`` (key = path joined by "/").
+
+    The tree is rebuilt (new dicts and lists), so later changes to ``node``'s containers do
+    not reach it; tensors are not copied (non-contiguous ones are made contiguous).
+    """
     where = "/".join(path) or "(top level)"
     if isinstance(node, torch.Tensor):
         key = "/".join(path)
@@ -97,10 +104,14 @@ def _split(
                 f"{owner}: two tensors map to key {key!r}; a dict key contains '/', rename it"
             )
         t = node.detach()
-        if type(t) is not torch.Tensor or t.device.type != "cpu" or t.layout != torch.strided:
+        if (
+            type(t) is not torch.Tensor
+            or t.device.type not in ("cpu", "cuda")
+            or t.layout != torch.strided
+        ):
             raise CheckpointError(
                 f"{owner}: tensor at {where} is a {type(t).__name__} on {t.device} with "
-                f"layout {t.layout}; state dicts hold dense CPU torch.Tensor only "
+                f"layout {t.layout}; state dicts hold dense CPU (or CUDA) torch.Tensor only "
                 f"(move it with .cpu(), gather DTensors, densify sparse tensors)"
             )
         if t.dtype not in DTYPES:
@@ -108,14 +119,9 @@ def _split(
                 f"{owner}: tensor at {where} has dtype {t.dtype}, which format v1 cannot store "
                 f"and read back; supported: {_DTYPE_NAMES}"
             )
-        t = t.resolve_conj().resolve_neg().contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        # safetensors refuses tensors sharing memory (tied weights, views): copy the 2nd.
-        if ptr in storages:
-            t = t.clone()
-        elif ptr:
-            storages.add(ptr)
-        tensors[key] = t
+        # Tensors sharing memory (tied weights, views) need no copy: each one's bytes are
+        # written separately.
+        tensors[key] = t.resolve_conj().resolve_neg().contiguous()
         return {TENSOR_REF: key}
     if isinstance(node, dict):
         out = {}
@@ -129,10 +135,10 @@ def _split(
                 raise CheckpointError(
                     f"{owner}: key {TENSOR_REF!r} at {where} is reserved for tensor references"
                 )
-            out[k] = _split(owner, v, [*path, k], tensors, storages)
+            out[k] = _split(owner, v, [*path, k], tensors)
         return out
     if isinstance(node, list):
-        return [_split(owner, v, [*path, str(i)], tensors, storages) for i, v in enumerate(node)]
+        return [_split(owner, v, [*path, str(i)], tensors) for i, v in enumerate(node)]
     if node is None or isinstance(node, (bool, int, float, str)):
         return node
     raise CheckpointError(
@@ -141,18 +147,48 @@ def _split(
     )
 
 
+def _write_out(fd: int, h: Any, data: memoryview) -> None:
+    for i in range(0, len(data), _CHUNK):
+        chunk = data[i : i + _CHUNK]
+        h.update(chunk)
+        while chunk:
+            chunk = chunk[os.write(fd, chunk) :]
+
+
+def _write_parts(path: Path, parts: Iterable[Any]) -> dict[str, Any]:
+    """Write the concatenation of ``parts`` (bytes-like) to a new file and fsync it.
+
+    The XXH3-128 digest is computed over the bytes as they are handed to the OS (no second
+    read). Parts under 1 MiB are gathered before writing (a safetensors file of a model has
+    hundreds of small tensors: one syscall each would dominate); larger ones are written
+    from their own memory, without a copy.
+    """
+    h = xxhash.xxh3_128()
+    size, pending = 0, bytearray()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        for part in parts:
+            view = memoryview(part).cast("B")
+            size += len(view)
+            if len(view) < _SMALL:
+                pending += view
+                if len(pending) < _SMALL:
+                    continue
+                view = memoryview(b"")
+            if pending:
+                _write_out(fd, h, memoryview(pending))
+                pending = bytearray()
+            _write_out(fd, h, view)
+        _write_out(fd, h, memoryview(pending))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return {"size": size, "xxh3_128": h.hexdigest()}
+
+
 def _write_file(path: Path, data: bytes) -> dict[str, Any]:
     """Write ``data`` to a new file and fsync it; the XXH3-128 digest is of the written bytes."""
-    h = xxhash.xxh3_128()
-    view = memoryview(data)
-    with open(path, "xb") as f:
-        for i in range(0, len(view), _CHUNK):
-            chunk = view[i : i + _CHUNK]
-            f.write(chunk)
-            h.update(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"size": len(data), "xxh3_128": h.hexdigest()}
+    return _write_parts(path, [data])
 
 
 def fsync_dir(path: Path) -> None:
@@ -213,6 +249,170 @@ def estimate_size(states: Mapping[str, Mapping[str, Any]]) -> int:
     return total
 
 
+@dataclass
+class PreparedOwner:
+    """One owner, validated and laid out: the tree of ``<owner>.json`` and the layout of
+    ``<owner>.safetensors`` (``None`` when it holds no tensors).
+
+    ``tree`` is a private copy (new dicts and lists, immutable leaves, tensors replaced by
+    references): the caller may change its state after :func:`prepare_checkpoint`.
+    ``data`` is ``None`` while the tensors are the caller's own (a synchronous save writes
+    them from their memory); after staging it is a 1-D ``uint8`` CPU tensor holding the
+    data section, and the caller's tensors are no longer needed.
+    """
+
+    name: str
+    tree: Any
+    tensors: stream.Layout | None
+    data: torch.Tensor | None = None
+
+    @property
+    def json_bytes(self) -> bytes:
+        """The bytes of ``<owner>.json``, encoded now: for an asynchronous save, on the
+        writer thread. (``indent=1`` runs json's pure-Python encoder, the C one serves only
+        ``indent=None``: milliseconds per save the training step need not wait for.)"""
+        return _dump_json(self.tree, 1)
+
+    def tensor_parts(self) -> Iterator[Any]:
+        """The ``<owner>.safetensors`` file as bytes-like pieces, in order."""
+        assert self.tensors is not None
+        yield self.tensors.header
+        if self.data is not None:
+            yield stream.tensor_bytes(self.data)
+            return
+        for t in self.tensors.tensors:
+            # A CUDA tensor is copied to the host one at a time: bounded extra memory.
+            yield stream.tensor_bytes(t if t.device.type == "cpu" else t.cpu())
+
+
+@dataclass
+class PreparedCheckpoint:
+    """States checked against format v1 and laid out, ready for :func:`commit_checkpoint`.
+
+    Made by :func:`prepare_checkpoint`; the checkpoint manager stages it for asynchronous
+    saves. Package-internal (the layout is format v1's, not a stable API).
+
+    Attributes:
+        global_step: optimizer steps completed.
+        owners: in the order the states were given.
+        summary: a copy of the summary (JSON values only).
+    """
+
+    global_step: int
+    owners: list[PreparedOwner]
+    summary: dict[str, Any]
+
+    @property
+    def data_nbytes(self) -> int:
+        """Tensor bytes (what staging copies)."""
+        return sum(o.tensors.data_nbytes for o in self.owners if o.tensors is not None)
+
+    def staging_groups(self) -> list[tuple[torch.Tensor, ...]]:
+        """Per owner with tensors, its tensors in file order (see :mod:`.staging`)."""
+        return [o.tensors.tensors for o in self.owners if o.tensors is not None]
+
+    def staged(self, views: list[torch.Tensor]) -> PreparedCheckpoint:
+        """A copy whose tensor data are ``views`` (one per :meth:`staging_groups` entry)."""
+        it = iter(views)
+        owners = [
+            PreparedOwner(o.name, o.tree, o.tensors, next(it) if o.tensors else None)
+            for o in self.owners
+        ]
+        return PreparedCheckpoint(self.global_step, owners, self.summary)
+
+
+def prepare_checkpoint(
+    states: Mapping[str, Mapping[str, Any]], summary: Mapping[str, Any], *, global_step: int
+) -> PreparedCheckpoint:
+    """Check ``states`` and ``summary`` against format v1 and lay them out (no I/O).
+
+    The JSON trees are copied here, so later changes to the states' dicts and lists do not
+    reach the checkpoint; the tensors are referenced, not copied.
+
+    Raises:
+        CheckpointError: no states, a bad owner name, a value that is not JSON/tensor, a
+            dtype format v1 cannot store, or tensors in ``summary``.
+    """
+    if not states:
+        raise CheckpointError("no states to save")
+    for owner in states:
+        if not isinstance(owner, str) or not OWNER_RE.fullmatch(owner):
+            raise CheckpointError(
+                f"owner name {owner!r} is invalid: use [a-z0-9_]+ (it becomes a file name)"
+            )
+    summary_tensors: dict[str, torch.Tensor] = {}
+    summary_copy = _split("summary", dict(summary), [], summary_tensors)
+    if summary_tensors:
+        raise CheckpointError(f"summary holds tensors at {sorted(summary_tensors)}; JSON only")
+    owners = []
+    for owner, state in states.items():
+        tensors: dict[str, torch.Tensor] = {}
+        tree = _split(owner, state, [], tensors)
+        try:
+            laid = stream.layout(tensors) if tensors else None
+        except stream.LayoutError as e:
+            raise CheckpointError(
+                f"{owner}: safetensors cannot store these tensors ({e})"
+            ) from None
+        owners.append(PreparedOwner(owner, tree, laid))
+    return PreparedCheckpoint(global_step, owners, summary_copy)
+
+
+def commit_checkpoint(
+    directory: Path, prepared: PreparedCheckpoint, peers: PeerFiles | None = None
+) -> int:
+    """Write and atomically commit ``prepared`` at ``directory``; return the bytes written
+    (every file, the manifest included).
+
+    See :func:`write_checkpoint` for the protocol, the fault points and the errors (minus
+    the validation, done by :func:`prepare_checkpoint`). ``peers`` (multi-process runs, see
+    :mod:`evertrain.checkpoint.ranks`): the other ranks write their own files into the
+    temporary directory once it exists; their entries join the manifest only after every
+    rank reported success.
+    """
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    global_step = prepared.global_step
+    for target in (directory, tmp):
+        if target.exists():
+            raise CheckpointError(f"{target} already exists; refusing to overwrite it")
+    files: dict[str, Any] = {}
+    try:
+        tmp.mkdir(parents=True)
+        if peers is not None:
+            peers.start(tmp)
+        for owner in prepared.owners:
+            files[f"{owner.name}.json"] = _write_file(tmp / f"{owner.name}.json", owner.json_bytes)
+            if len(files) == 1:
+                faults.maybe_crash("save", global_step)
+            if owner.tensors is not None:
+                name = f"{owner.name}.safetensors"
+                files[name] = _write_parts(tmp / name, owner.tensor_parts())
+        if peers is not None:
+            files.update(peers.finish(tmp, dict(files)))
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "global_step": global_step,
+            "files": files,
+            "summary": prepared.summary,
+        }
+        sealed = _seal(manifest)
+        _write_file(tmp / MANIFEST, sealed)
+        faults.maybe_crash("commit", global_step)
+        fsync_dir(tmp)
+        os.rename(tmp, directory)
+        fsync_dir(directory.parent)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise CheckpointWriteError(
+                f"{directory}: writing the checkpoint failed ({e.strerror or e}); the partial "
+                f"{tmp.name} was removed, older checkpoints are untouched"
+            ) from e
+        raise
+    return len(sealed) + sum(f["size"] for f in files.values())
+
+
 def write_checkpoint(
     directory: Path,
     states: Mapping[str, Mapping[str, Any]],
@@ -223,13 +423,16 @@ def write_checkpoint(
     """Write and atomically commit one checkpoint at ``directory`` (e.g. ``.../step-00000120``).
 
     Files go to ``<directory>.tmp/``; each is fsynced, ``manifest.json`` is written last, the
-    temporary directory is renamed to ``directory`` and the parent fsynced. Fault points
+    temporary directory is renamed to ``directory`` and the parent fsynced. Tensor bytes go
+    from the tensors' memory to the file (no in-memory copy of the file; see
+    :mod:`evertrain.checkpoint.safetensors_stream`), hashed on the way. Fault points
     ``save@global_step`` (after the first data file) and ``commit@global_step`` (manifest
     written, not yet renamed) serve the crash tests (:mod:`evertrain.faults`).
 
     Args:
         directory: final checkpoint directory; it and ``<directory>.tmp`` must not exist.
-        states: owner name (``[a-z0-9_]+``) -> state dict (see :mod:`evertrain.state`).
+        states: owner name (``[a-z0-9_]+``) -> state dict (see :mod:`evertrain.state`);
+            tensors on CPU (or CUDA: copied to the host one at a time).
         summary: JSON-able description stored in the manifest (global_step, epoch,
             ``metrics`` such as val_loss, wall time, library versions).
         global_step: optimizer steps completed; stored in the manifest.
@@ -244,58 +447,9 @@ def write_checkpoint(
             ``.tmp`` directory is removed.
     """
     directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
     if not states:
         raise CheckpointError(f"{directory}: no states to save")
-    for owner in states:
-        if not isinstance(owner, str) or not OWNER_RE.fullmatch(owner):
-            raise CheckpointError(
-                f"owner name {owner!r} is invalid: use [a-z0-9_]+ (it becomes a file name)"
-            )
-    summary_tensors: dict[str, torch.Tensor] = {}
-    _split("summary", dict(summary), [], summary_tensors, set())
-    if summary_tensors:
-        raise CheckpointError(f"summary holds tensors at {sorted(summary_tensors)}; JSON only")
-    for target in (directory, tmp):
-        if target.exists():
-            raise CheckpointError(f"{target} already exists; refusing to overwrite it")
-    files: dict[str, Any] = {}
-    try:
-        tmp.mkdir(parents=True)
-        for owner, state in states.items():
-            tensors: dict[str, torch.Tensor] = {}
-            tree = _split(owner, state, [], tensors, set())
-            files[f"{owner}.json"] = _write_file(tmp / f"{owner}.json", _dump_json(tree, 1))
-            if len(files) == 1:
-                faults.maybe_crash("save", global_step)
-            if tensors:
-                try:
-                    blob = safetensors.torch.save(tensors)
-                except (ValueError, RuntimeError, KeyError, TypeError) as e:
-                    raise CheckpointError(
-                        f"{owner}: safetensors cannot store these tensors ({type(e).__name__}: {e})"
-                    ) from None
-                files[f"{owner}.safetensors"] = _write_file(tmp / f"{owner}.safetensors", blob)
-                del blob
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "global_step": global_step,
-            "files": files,
-            "summary": dict(summary),
-        }
-        _write_file(tmp / MANIFEST, _seal(manifest))
-        faults.maybe_crash("commit", global_step)
-        fsync_dir(tmp)
-        os.rename(tmp, directory)
-        fsync_dir(directory.parent)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise CheckpointWriteError(
-                f"{directory}: writing the checkpoint failed ({e.strerror or e}); the partial "
-                f"{tmp.name} was removed, older checkpoints are untouched"
-            ) from e
-        raise
+    commit_checkpoint(directory, prepare_checkpoint(states, summary, global_step=global_step))
     return directory
 
 

@@ -28,9 +28,11 @@ tensors. Files are *read* with the safetensors library only.
 from __future__ import annotations
 
 import json
+import re
 import struct
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -62,6 +64,15 @@ _RANK: dict[torch.dtype, tuple[int, str]] = {
     if (d := getattr(torch, name, None)) is not None
 }
 _HEADER_ALIGN = 8  # the library pads the header with spaces to this multiple
+# dtypes whose tensors .numpy() exports directly (a cheaper view than through uint8)
+_NUMPY = frozenset(
+    d
+    for n in "float64 float32 float16 complex64 int8 int16 int32 int64 uint8 uint16 uint32 "
+    "uint64 bool".split()
+    if (d := getattr(torch, n, None)) is not None
+)
+# Names needing no JSON escaping (the common case) skip json.dumps: a model has ~1000.
+_PLAIN_NAME = re.compile(r'[^"\\\x00-\x1f]*')
 
 
 class LayoutError(ValueError):
@@ -114,10 +125,12 @@ def layout(tensors: dict[str, torch.Tensor]) -> Layout:
     parts, offset = [], 0
     for _, _, name, code, t in entries:
         end = offset + t.nelement() * t.element_size()
-        shape = ",".join(str(s) for s in t.shape)
+        shape = ",".join(map(str, t.shape))
         # ensure_ascii=False + compact separators = serde_json's string escaping
-        key = json.dumps(name, ensure_ascii=False)
-        parts.append(f'{key}:{{"dtype":"{code}","shape":[{shape}],"data_offsets":[{offset},{end}]}}')
+        key = f'"{name}"' if _PLAIN_NAME.fullmatch(name) else json.dumps(name, ensure_ascii=False)
+        parts.append(
+            f'{key}:{{"dtype":"{code}","shape":[{shape}],"data_offsets":[{offset},{end}]}}'
+        )
         offset = end
     text = ("{" + ",".join(parts) + "}").encode("utf-8")
     text += b" " * (-len(text) % _HEADER_ALIGN)
@@ -141,4 +154,6 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
         return memoryview(b"")
     if sys.byteorder != "little":  # pragma: no cover - no big-endian torch build in CI
         raise ValueError("writing safetensors on a big-endian host is not supported")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    # numpy: a buffer over t's memory; bfloat16 and float8 only through a uint8 view
+    arr: Any = t.numpy() if t.dtype in _NUMPY else t.reshape(-1).view(torch.uint8).numpy()
+    return memoryview(arr).cast("B")

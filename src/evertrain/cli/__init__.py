@@ -8,9 +8,15 @@ import sys
 import typer
 
 from evertrain.cli import data as data_cmd
+from evertrain.cli import evaluate as evaluate_cmd
+from evertrain.cli import export as export_cmd
+from evertrain.cli import import_hf as import_hf_cmd
 from evertrain.cli import inspect as inspect_cmd
+from evertrain.cli import status as status_cmd
 from evertrain.cli import train as train_cmd
+from evertrain.cli import ui as ui_cmd
 from evertrain.cli import verify as verify_cmd
+from evertrain.cli import watch as watch_cmd
 
 app = typer.Typer(
     add_completion=False,
@@ -20,6 +26,12 @@ app = typer.Typer(
 app.command("train")(train_cmd.train)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("verify")(verify_cmd.verify)
+app.command("export")(export_cmd.export)
+app.command("import-hf")(import_hf_cmd.import_hf)
+app.command("eval")(evaluate_cmd.evaluate)
+app.command("ui")(ui_cmd.ui)
+app.command("watch")(watch_cmd.watch)
+app.command("status")(status_cmd.status)
 app.add_typer(data_cmd.app, name="data")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -44,9 +45,13 @@ def train(
         else:
             cfg = load_config(config, set_ or [])
         trainer = Trainer(cfg, run_dir, allow_config_change=allow_config_change, fresh=fresh)
-        with attach_progress(trainer, max_steps):
+        # under torchrun only rank 0 shows progress and prints the result
+        shown = attach_progress(trainer, max_steps) if trainer.rank == 0 else nullcontext()
+        with shown:
             outcome = trainer.fit(max_steps)
         trainer.close()
+    if trainer.rank != 0:
+        return
     typer.echo(
         json.dumps(
             {

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -68,7 +67,9 @@ def _error(status: int, message: str) -> JSONResponse:
 def _json(data: Any, status: int = 200) -> Response:
     # allow_nan=False: a NaN that slipped through must fail here, not in the browser
     body = json.dumps(data, allow_nan=False, separators=(",", ":")).encode()
-    return Response(body, status, media_type="application/json", headers={"cache-control": "no-store"})
+    return Response(
+        body, status, media_type="application/json", headers={"cache-control": "no-store"}
+    )
 
 
 def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -96,11 +97,12 @@ class _Access:
             return
         outer_send = send
 
-        async def send(message: Message) -> None:
+        async def send_secured(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = list(message.get("headers", [])) + _SECURITY_HEADERS
             await outer_send(message)
 
+        send = send_secured
         request = Request(scope)
         method = scope["method"]
         if self.loopback and not host_is_loopback_name(request.headers.get("host")):
@@ -123,8 +125,7 @@ class _Access:
                     401 if header is None else 403,
                     f"{method} {scope['path']} changes the run and needs the dashboard token "
                     "in the header 'Authorization: Bearer <token>' (the token is in "
-                    "RUN/ui-token)"
-                    + ("" if header is None else "; the token given is wrong"),
+                    "RUN/ui-token)" + ("" if header is None else "; the token given is wrong"),
                 )
                 await resp(scope, receive, send)
                 return
@@ -137,14 +138,18 @@ class _Access:
             authed = header_ok or query_ok or token_matches(cookie, self.token)
             if query_ok and scope["path"] == "/":
                 # swap the token in the URL for a cookie, so it leaves the address bar
-                rest = [(k, v) for k, v in parse_qsl(scope["query_string"].decode()) if k != "token"]
+                rest = [
+                    (k, v) for k, v in parse_qsl(scope["query_string"].decode()) if k != "token"
+                ]
                 resp = RedirectResponse("/" + ("?" + urlencode(rest) if rest else ""), 303)
-                c: SimpleCookie = SimpleCookie()
-                c[self.cookie] = self.token
-                c[self.cookie].update(
-                    {"httponly": True, "samesite": "Strict", "path": "/", "max-age": _COOKIE_MAX_AGE}
+                resp.set_cookie(
+                    self.cookie,
+                    self.token,
+                    max_age=_COOKIE_MAX_AGE,
+                    path="/",
+                    httponly=True,
+                    samesite="strict",
                 )
-                resp.headers["set-cookie"] = c[self.cookie].OutputString()
                 await resp(scope, receive, send)
                 return
             if not self.loopback and not authed:

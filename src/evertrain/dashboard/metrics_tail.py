@@ -27,6 +27,7 @@ from typing import Any
 SMOOTHING = 0.95
 _TAIL_CHECK_BYTES = 64  # bytes before the read offset compared on each refresh (rewind check)
 _MAX_PROBLEMS = 20
+_READ_CHUNK = 4 << 20  # bytes
 
 
 def finite(x: Any) -> float | None:
@@ -97,16 +98,20 @@ class MetricsTail:
                     self._reset()
                 self._ino = st.st_ino
                 f.seek(self._offset)
-                data = f.read(st.st_size - self._offset)
-            end = data.rfind(b"\n") + 1
-            if end == 0:
-                return
-            chunk = data[:end]
-            for line in chunk.split(b"\n")[:-1]:
-                self._line_no += 1
-                self._parse(line)
-            self._offset += end
-            self._tail = (self._tail + chunk)[-_TAIL_CHECK_BYTES:]
+                # bounded chunks: a weeks-long log is hundreds of MB, and reading it whole
+                # (plus one bytes object per line) would cost a multiple of that in memory
+                carry = b""
+                while chunk := f.read(_READ_CHUNK):
+                    data = carry + chunk
+                    end = data.rfind(b"\n") + 1
+                    carry = data[end:]
+                    if end:
+                        for line in data[:end].split(b"\n")[:-1]:
+                            self._line_no += 1
+                            self._parse(line)
+                        self._offset += end
+                        self._tail = (self._tail + data[:end])[-_TAIL_CHECK_BYTES:]
+                # a line without its newline is left for the next refresh (being written)
 
     def _rewound(self, f: Any, st: os.stat_result) -> bool:
         if self._ino is None:

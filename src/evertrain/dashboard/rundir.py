@@ -134,7 +134,7 @@ class RunDirectory:
         except OSError:
             return []
         for e in entries:
-            if e.name.startswith(".") or e.name.endswith(_INCOMPLETE_SUFFIXES):
+            if e.name.startswith(".") or e.name.lower().endswith(_INCOMPLETE_SUFFIXES):
                 continue
             try:
                 st = e.stat()
@@ -226,7 +226,8 @@ class RunDirectory:
         :func:`evertrain.checkpoint.verify_checkpoint`). One at a time per dashboard.
 
         Raises:
-            FileNotFoundError: ``name`` is not a committed checkpoint directory of this run.
+            FileNotFoundError: ``name`` is not a committed checkpoint directory of this run,
+                or retention deleted it during verification.
         """
         from evertrain.checkpoint import verify_checkpoint
 
@@ -240,6 +241,12 @@ class RunDirectory:
             commit = _commit_id(path)
             t0 = time.perf_counter()
             problems = verify_checkpoint(path)
+            if not (path / "manifest.json").is_file():
+                # retention removed it meanwhile: its files vanishing is not damage
+                raise FileNotFoundError(
+                    f"checkpoints/{name}: deleted (checkpoint retention) while it was being "
+                    "verified"
+                )
             result = {
                 "ok": not any(p.fatal for p in problems),
                 "problems": [

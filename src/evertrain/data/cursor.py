@@ -2,13 +2,21 @@
 
 The sample order is a pure function of ``(seed, epoch)``: epoch ``e`` visits the examples in
 the order of ``torch.randperm(num_examples, generator=torch.Generator().manual_seed(
-epoch_seed(seed, e)))`` (its own generator, so the global RNG is never touched). An epoch is
-``steps_per_epoch = num_examples // global_batch_size`` global micro-batches; the last
-``num_examples % global_batch_size`` examples of each epoch's permutation are dropped
+epoch_seed(seed, e)))`` (its own generator, so the global RNG is never touched).
+
+The cursor's unit is the **global batch** ``G`` (``global_batch_size``): the examples one
+optimizer step consumes over all processes. The trainer uses ``G = micro_batch_size x
+grad_accum_steps x world_size``. An epoch is ``steps_per_epoch = num_examples // G`` global
+batches; the last ``num_examples % G`` examples of each epoch's permutation are dropped
 (drop_last), and since the permutation changes each epoch a different few are dropped each
-time. Global micro-batch ``b`` of epoch ``e`` is ``perm_e[b*G:(b+1)*G]`` with
-``G = global_batch_size``; rank ``r`` of ``world_size`` takes the ``r``-th contiguous slice of
-``G // world_size`` of it, so the global order does not depend on the world size.
+time. Global batch ``b`` of epoch ``e`` is ``perm_e[b*G:(b+1)*G]``.
+
+How a global batch is split into micro-batches and ranks does not change which examples it
+holds, nor their global order: with ``m`` rows per micro-batch and ``W`` ranks, the
+global batch is read in consecutive chunks of ``m*W`` examples (one chunk per accumulation
+micro-step) and rank ``r`` takes the ``r``-th ``m`` examples of each chunk. So 2 processes
+with accumulation 1 and 1 process with accumulation 2 train on the same examples in every
+optimizer step (only the floating-point reduction order differs).
 
 Resuming restores ``(epoch, offset)`` and starts the next batch directly at that position:
 O(1) in the position, nothing consumed is replayed or skipped through.
@@ -46,17 +54,19 @@ class DataCursor:
     Args:
         seed: the run seed (the order is a function of it and the epoch).
         num_examples: rows in the training set.
-        global_batch_size: examples per global micro-batch (micro_batch_size x world_size).
+        global_batch_size: examples per global batch, the unit of ``drop_last`` and of the
+            epoch length; the trainer passes one optimizer step's examples over all ranks
+            (``micro_batch_size x grad_accum_steps x world_size``).
         fingerprint: the training set's :attr:`~.dataset.TokenizedDataset.fingerprint`.
 
     Attributes:
         epoch: current epoch (0-based).
         offset: global examples consumed in the current epoch (a multiple of
-            ``global_batch_size``).
+            ``global_batch_size`` between optimizer steps, which is when it is saved).
         examples_seen: global examples consumed since the start of training.
 
     Raises:
-        ValueError: non-positive sizes, or fewer examples than one global micro-batch.
+        ValueError: non-positive sizes, or fewer examples than one global batch.
     """
 
     VERSION = 1
@@ -68,7 +78,7 @@ class DataCursor:
             raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
         if num_examples < global_batch_size:
             raise ValueError(
-                f"{num_examples} training examples, fewer than one global micro-batch of "
+                f"{num_examples} training examples, fewer than one global batch of "
                 f"{global_batch_size}; add data or lower the batch size"
             )
         self.seed, self.num_examples = int(seed), int(num_examples)
@@ -80,13 +90,18 @@ class DataCursor:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Global micro-batches per epoch: ``num_examples // global_batch_size``."""
+        """Global batches per epoch: ``num_examples // global_batch_size``."""
         return self.num_examples // self.global_batch_size
 
     @property
     def step_in_epoch(self) -> int:
-        """Global micro-batches consumed in the current epoch."""
+        """Global batches consumed in the current epoch."""
         return self.offset // self.global_batch_size
+
+    @property
+    def epoch_examples(self) -> int:
+        """Examples an epoch uses: ``steps_per_epoch * global_batch_size`` (after drop_last)."""
+        return self.steps_per_epoch * self.global_batch_size
 
     def permutation(self, epoch: int) -> list[int]:
         """Epoch ``epoch``'s order (the current epoch's is cached)."""
@@ -95,45 +110,68 @@ class DataCursor:
         return self._perm[1]
 
     def global_batch(self, epoch: int, step: int) -> list[int]:
-        """Example indices of global micro-batch ``step`` of epoch ``epoch``."""
+        """Example indices of global batch ``step`` of epoch ``epoch``, in global order."""
         g = self.global_batch_size
         return self.permutation(epoch)[step * g : (step + 1) * g]
 
-    def advance(self) -> None:
-        """Record one global micro-batch as consumed (rolls over to the next epoch)."""
-        self.offset += self.global_batch_size
-        self.examples_seen += self.global_batch_size
-        if self.offset >= self.steps_per_epoch * self.global_batch_size:
+    def advance(self, examples: int | None = None) -> None:
+        """Record ``examples`` global examples as consumed (default: one global batch);
+        rolls over to the next epoch at the end of the epoch's last global batch.
+
+        The trainer advances by one global micro-batch (``micro_batch_size x world_size``)
+        as each is handed out, so the offset is a multiple of ``global_batch_size`` again
+        after each optimizer step.
+
+        Raises:
+            ValueError: ``examples`` is not positive, or would step past the epoch's end.
+        """
+        n = self.global_batch_size if examples is None else int(examples)
+        if n < 1 or self.offset + n > self.epoch_examples:
+            raise ValueError(
+                f"cannot advance by {n} examples at offset {self.offset} of an epoch of "
+                f"{self.epoch_examples}"
+            )
+        self.offset += n
+        self.examples_seen += n
+        if self.offset >= self.epoch_examples:
             self.epoch += 1
             self.offset = 0
 
-    def indices(self, rank: int = 0, world_size: int = 1) -> Iterator[list[int]]:
+    def indices(
+        self, rank: int = 0, world_size: int = 1, micro_batch_size: int | None = None
+    ) -> Iterator[list[int]]:
         """Infinite iterator of rank ``rank``'s micro-batches from the current position.
 
         The position is read when this is called (later :meth:`advance` calls do not affect
-        an iterator already made). Each item is a list of ``global_batch_size //
-        world_size`` example indices; iteration continues across epochs.
+        an iterator already made). Each item is a list of ``micro_batch_size`` example
+        indices (default ``global_batch_size // world_size``: one micro-batch per global
+        batch); iteration continues across epochs. See the module docstring for the split.
 
         Raises:
-            ValueError: ``world_size`` does not divide ``global_batch_size`` or ``rank`` is out
-                of range.
+            ValueError: ``world_size`` does not divide ``global_batch_size``,
+                ``micro_batch_size x world_size`` does not divide it or the current offset,
+                or ``rank`` is out of range.
         """
         g = self.global_batch_size
         if world_size < 1 or g % world_size:
             raise ValueError(f"world_size {world_size} must divide the global batch size {g}")
+        mb = g // world_size if micro_batch_size is None else micro_batch_size
+        check_split(g, self.offset, mb, world_size)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
-        return self._iter(self.epoch, self.offset // g, rank, g // world_size)
+        return self._iter(self.epoch, self.offset, rank, mb, world_size)
 
-    def _iter(self, epoch: int, step: int, rank: int, mb: int) -> Iterator[list[int]]:
-        g, steps = self.global_batch_size, self.steps_per_epoch
+    def _iter(
+        self, epoch: int, offset: int, rank: int, mb: int, world_size: int
+    ) -> Iterator[list[int]]:
+        chunk, end = mb * world_size, self.epoch_examples
         while True:
             # A local permutation: the iterator may run ahead of self.epoch (prefetching).
             perm = epoch_permutation(self.seed, epoch, self.num_examples)
-            for s in range(step, steps):
-                start = s * g + rank * mb
-                yield perm[start : start + mb]
-            epoch, step = epoch + 1, 0
+            for start in range(offset, end, chunk):
+                first = start + rank * mb
+                yield perm[first : first + mb]
+            epoch, offset = epoch + 1, 0
 
     # ------------------------------------------------------------------ Stateful
 
@@ -182,7 +220,8 @@ class DataCursor:
             )
         old_g, epoch, offset = state["global_batch_size"], state["epoch"], state["offset"]
         if (
-            epoch < 0
+            old_g < 1
+            or epoch < 0
             or offset < 0
             or offset % old_g
             or offset > self.num_examples
@@ -209,6 +248,24 @@ class DataCursor:
             )
         self.epoch, self.offset = epoch, offset
         self.examples_seen = state["examples_seen"]
-        if self.offset >= self.steps_per_epoch * self.global_batch_size:
+        if self.offset >= self.epoch_examples:
             # A larger batch size can make the saved offset the end of the (shorter) epoch.
             self.epoch, self.offset = self.epoch + 1, 0
+
+
+def check_split(
+    global_batch_size: int, offset: int, micro_batch_size: int, world_size: int
+) -> None:
+    """Raise ValueError unless micro-batches of ``micro_batch_size`` rows on ``world_size``
+    ranks tile a global batch of ``global_batch_size`` (and the position ``offset``)."""
+    chunk = micro_batch_size * world_size
+    if micro_batch_size < 1 or world_size < 1 or global_batch_size % chunk:
+        raise ValueError(
+            f"micro_batch_size {micro_batch_size} x world_size {world_size} = {chunk} does not "
+            f"divide the cursor's global batch size {global_batch_size}"
+        )
+    if offset % chunk:
+        raise ValueError(
+            f"the cursor's offset {offset} is not a multiple of micro_batch_size x world_size "
+            f"= {chunk}: it stands inside a global micro-batch"
+        )

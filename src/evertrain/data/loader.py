@@ -4,7 +4,8 @@ Exactness rules this module enforces:
 
 - The batch sampler is the cursor's :meth:`~.cursor.DataCursor.indices` taken when the loader
   is made, so a loader made from a restored cursor yields exactly the batches an uninterrupted
-  loader would have yielded next, without reading consumed examples.
+  loader would have yielded next, without reading consumed examples. Each rank's loader
+  yields its share of every global micro-batch (see :mod:`.cursor` for the split).
 - ``DataLoader`` draws a base seed when an iterator is created: from the global torch RNG
   unless it is given a ``generator``. A draw from the global RNG would shift the dropout
   stream of a resumed run, so an explicit generator seeded from ``(seed, epoch, offset,
@@ -15,6 +16,7 @@ Exactness rules this module enforces:
 
 from __future__ import annotations
 
+import collections
 import functools
 import random
 from collections.abc import Iterator
@@ -25,8 +27,10 @@ import torch
 import xxhash
 from torch.utils.data import DataLoader
 
-from evertrain.data.cursor import DataCursor
+from evertrain.data.cursor import DataCursor, check_split
 from evertrain.data.dataset import TokenizedDataset
+
+CONSUMED_KEPT = 4096  # index lists DataIterator.consumed keeps (bounds its memory)
 
 
 def _loader_seed(seed: int, epoch: int, offset: int, rank: int) -> int:
@@ -46,17 +50,29 @@ def _collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 class _CursorBatchSampler:
-    """Yields the index lists of a cursor snapshot; re-iterating restarts at the snapshot."""
+    """Yields the index lists of a cursor snapshot; re-iterating restarts at the snapshot.
 
-    def __init__(self, cursor: DataCursor, rank: int, world_size: int) -> None:
+    Every list handed to the DataLoader is also appended to ``sampled``: the DataLoader
+    iterates its batch sampler in the main process and delivers batches in sampling order
+    (with or without workers), so the oldest entry is always the next batch's indices.
+    """
+
+    def __init__(
+        self, cursor: DataCursor, micro_batch_size: int, rank: int, world_size: int
+    ) -> None:
         self.cursor, self.rank, self.world_size = cursor, rank, world_size
+        self.micro_batch_size = micro_batch_size
         self.epoch, self.offset = cursor.epoch, cursor.offset
+        self.sampled: collections.deque[list[int]] = collections.deque()
 
     def __iter__(self) -> Iterator[list[int]]:
-        mb = self.cursor.global_batch_size // self.world_size
-        return self.cursor._iter(
-            self.epoch, self.offset // self.cursor.global_batch_size, self.rank, mb
+        self.sampled.clear()
+        it = self.cursor._iter(
+            self.epoch, self.offset, self.rank, self.micro_batch_size, self.world_size
         )
+        for ids in it:
+            self.sampled.append(ids)
+            yield ids
 
 
 class DataIterator:
@@ -64,10 +80,17 @@ class DataIterator:
 
     Each item is ``{"input_ids", "labels", "attention_mask"}``, each ``long
     [micro_batch_size, seq_len]``. The iterator is infinite (it continues across epochs).
+
+    Attributes:
+        consumed: the example indices (rows of the dataset) of the batches handed out, oldest
+            first, at most the last :data:`CONSUMED_KEPT`; a caller that wants them all
+            (the example-id debug log) pops them as it goes.
     """
 
-    def __init__(self, loader: DataLoader[Any]) -> None:
+    def __init__(self, loader: DataLoader[Any], sampler: _CursorBatchSampler | None = None) -> None:
         self.loader = loader
+        self._sampler = sampler
+        self.consumed: collections.deque[list[int]] = collections.deque(maxlen=CONSUMED_KEPT)
         self._it: Iterator[dict[str, torch.Tensor]] | None = iter(loader)
 
     def __iter__(self) -> DataIterator:
@@ -76,7 +99,10 @@ class DataIterator:
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._it is None:
             raise StopIteration
-        return next(self._it)
+        batch = next(self._it)
+        if self._sampler is not None and self._sampler.sampled:
+            self.consumed.append(self._sampler.sampled.popleft())
+        return batch
 
     def close(self) -> None:
         """Shut down worker processes now (they also stop when this object is collected)."""
@@ -99,33 +125,32 @@ def make_loader(
 ) -> DataIterator:
     """Micro-batches for ``rank`` from the cursor's current position (snapshot at call).
 
-    The caller advances the cursor (``cursor.advance()``) once per consumed global
-    micro-batch; prefetching by the loader does not move the cursor.
+    The caller advances the cursor (``cursor.advance(micro_batch_size * world_size)``) once
+    per consumed global micro-batch; prefetching by the loader does not move the cursor.
 
     Args:
         dataset: the training set the cursor was made for.
         cursor: the data position.
-        micro_batch_size: rows per batch on this rank; must be
-            ``cursor.global_batch_size // world_size``.
+        micro_batch_size: rows per batch on this rank; ``micro_batch_size x world_size``
+            must divide ``cursor.global_batch_size`` (the quotient is the number of
+            accumulation micro-steps per global batch).
         num_workers: DataLoader worker processes (0 = load in this process).
         seed: the run seed.
         rank, world_size: this process's data-parallel rank and the number of ranks.
         pin_memory: passed to the DataLoader.
 
     Raises:
-        ValueError: the sizes do not match the cursor, or the dataset is not the cursor's
-            (different length or fingerprint).
+        ValueError: the sizes do not tile the cursor's global batch or its offset, or the
+            dataset is not the cursor's (different length or fingerprint).
     """
-    if micro_batch_size * world_size != cursor.global_batch_size:
-        raise ValueError(
-            f"micro_batch_size {micro_batch_size} x world_size {world_size} != the cursor's "
-            f"global batch size {cursor.global_batch_size}"
-        )
+    check_split(cursor.global_batch_size, cursor.offset, micro_batch_size, world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} out of range for world_size {world_size}")
     if len(dataset) != cursor.num_examples or dataset.fingerprint != cursor.fingerprint:
         raise ValueError(
             "the dataset is not the one the cursor was made for (different length or fingerprint)"
         )
-    sampler = _CursorBatchSampler(cursor, rank, world_size)
+    sampler = _CursorBatchSampler(cursor, micro_batch_size, rank, world_size)
     base = _loader_seed(seed, cursor.epoch, cursor.offset, rank)
     loader: DataLoader[Any] = DataLoader(
         dataset,
@@ -136,4 +161,4 @@ def make_loader(
         generator=torch.Generator().manual_seed(base),
         worker_init_fn=functools.partial(_seed_worker, base=base) if num_workers else None,
     )
-    return DataIterator(loader)
+    return DataIterator(loader, sampler)

@@ -1,0 +1,140 @@
+"""Run every checkpoint benchmark, each in a fresh process, and print the targets' ratios.
+
+Usage: ``.venv/bin/python bench/run_all.py [--quick]`` (``--quick``: fewer repeats, for a
+smoke test; the numbers in bench/README.md come from the default). Results land in
+``bench/results/*.json``; scratch files in ``$EVERTRAIN_BENCH_DIR`` (default
+``/tmp/evertrain-bench``, about 8 GB free needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def run(script: str, *args: str) -> None:
+    t0 = time.perf_counter()
+    print(f"\n===== {script} {' '.join(args)}", flush=True)
+    subprocess.run([sys.executable, str(HERE / script), *args], check=True)
+    print(f"===== {script}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def summary() -> None:
+    r = {p.stem: json.loads(p.read_text()) for p in (HERE / "results").glob("*.json")}
+    rows = []
+    if "save_full" in r:
+        q = r["save_full"]["ratios"]
+        rows += [
+            (
+                "save throughput / disk raw write (full FT)",
+                q["evertrain_vs_disk_throughput"],
+                ">= 0.8",
+            ),
+            ("save speed-up vs torch.save (full FT)", q["speedup_vs_torch_save"], ">= 1.5"),
+            ("save speed-up vs HF Trainer (full FT, +fsync)", q["speedup_vs_hf_trainer"], ">= 1.5"),
+            (
+                "save speed-up vs HF Trainer (full FT, its own no-fsync save)",
+                q["speedup_vs_hf_trainer_nofsync"],
+                "",
+            ),
+        ]
+    if "save_lora" in r:
+        q = r["save_lora"]["ratios"]
+        rows += [
+            (
+                "save throughput / disk raw write (LoRA)",
+                q["evertrain_vs_disk_throughput"],
+                ">= 0.8",
+            ),
+            ("save speed-up vs torch.save (LoRA)", q["speedup_vs_torch_save"], ">= 1.5"),
+            ("save speed-up vs HF Trainer (LoRA, +fsync)", q["speedup_vs_hf_trainer"], ">= 1.5"),
+            (
+                "LoRA checkpoint size / (adapter + moments)",
+                r["save_lora"]["lora"]["size_ratio"],
+                "<= 1.05",
+            ),
+        ]
+    if "load" in r:
+        for cache in ("cold", "warm"):
+            q = r["load"][cache]["ratios"]
+            rows += [
+                (
+                    f"load throughput / disk raw read ({cache})",
+                    q["evertrain_vs_disk_read_throughput"],
+                    "",
+                ),
+                (f"load speed-up vs torch.load ({cache})", q["speedup_vs_torch_load"], ""),
+            ]
+    if "stall" in r:
+        q = r["stall"]["ratios"]
+        rows += [
+            ("async stall / in-memory copy (clone)", q["async_vs_clone"], "<= 1.5"),
+            (
+                "async stall / copy into preallocated buffers",
+                q["async_vs_copy_into_preallocated"],
+                "",
+            ),
+            ("async stall / sync save", q["async_vs_sync"], "<= 0.1"),
+        ]
+    if "resume" in r:
+        q = r["resume"]
+        rows += [
+            (
+                "resume@1e6 / resume@0 (evertrain)",
+                q["evertrain@1000000"]["vs_position_0"],
+                "<= 1.2",
+            ),
+            (
+                "resume@1e6 / resume@0 (HF Trainer, iterable)",
+                q["hf_trainer@1000000"]["vs_position_0"],
+                "",
+            ),
+            ("HF Trainer / evertrain resume time @1e6", q["hf_over_evertrain@1000000"], ""),
+        ]
+    if "throughput" in r:
+        q = r["throughput"]["ratios_vs_plain"]
+        rows += [
+            ("throughput, async ckpt every 50 / plain loop", q["evertrain_async"], ">= 0.97"),
+            ("throughput, evertrain no ckpt / plain loop", q["evertrain_nockpt"], ""),
+        ]
+    if "hash" in r:
+        q = r["hash"]["ratios"]
+        rows += [
+            ("xxh3-128 throughput / disk write", q["hash_vs_disk_write_throughput"], ""),
+            ("xxh3-128 throughput / disk read (cold)", q["hash_vs_disk_read_throughput"], ""),
+        ]
+    width = max(len(n) for n, _, _ in rows)
+    print("\nTargets (pairwise medians):")
+    for name, value, target in rows:
+        print(f"  {name.ljust(width)}  {value:8.3f}  {target}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--summary-only", action="store_true")
+    a = p.parse_args()
+    if not a.summary_only:
+        t0 = time.perf_counter()
+        run("bench_checkpoint.py", "--repeats", "2" if a.quick else "7")
+        run("bench_resume.py", "--repeats", "1" if a.quick else "3")
+        run(
+            "bench_throughput.py",
+            "--repeats",
+            "1" if a.quick else "3",
+            *(["--steps", "100"] if a.quick else []),
+        )
+        print(f"\nall benchmarks: {time.perf_counter() - t0:.0f} s")
+    summary()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""Checkpoints of multi-process runs: every rank writes its own files, one manifest commits.
+
+Layout (see ``docs/checkpoint-format.md``, "Multi-rank checkpoints"): rank 0 writes the
+replicated owners (model, optimizer, ...) and its own per-rank owners under their plain
+names (``rng.json``); rank ``r > 0`` writes each per-rank owner ``X`` as owner
+``X_rank<r>`` (``rng_rank1.json``, ``rng_rank1.safetensors``) into the same
+``step-N.tmp/``. Per-rank files are ordinary owner files of format v1, so every reader
+verifies them with no change. The manifest summary records ``"ranks": {"world_size": W,
+"per_rank_owners": [...]}``, which lets a reader tell a complete multi-rank checkpoint from
+one missing a rank (:func:`rank_problems`).
+
+Commit protocol (:func:`save_ranked`), all ranks in lockstep:
+
+1. Rank 0 waits for an in-flight save, removes leftovers, checks free space, sets an
+   existing ``step-N`` aside and creates ``step-N.tmp/``, then broadcasts "go" (or "abort":
+   every rank then raises the same error, nothing is written).
+2. Every rank writes its files into ``step-N.tmp/`` (each fsynced, hashed as written).
+3. All-gather of each rank's report (success flag, file sizes and XXH3-128 digests, or its
+   error), as JSON bytes in a uint8 tensor: nothing is pickled. This is the barrier after
+   which rank 0 alone proceeds.
+4. Only if every rank succeeded: rank 0 writes ``manifest.json`` listing every rank's files,
+   renames ``step-N.tmp`` to ``step-N`` and applies retention. Otherwise rank 0 removes
+   ``step-N.tmp/``; the previous checkpoint stays the newest valid one.
+5. Rank 0 broadcasts the outcome; every rank returns the directory or raises
+   :class:`CheckpointWriteError` naming the rank that failed and why.
+
+A rank killed at any point (SIGKILL, OOM) takes the group down (torchrun's behaviour) and
+leaves at most ``step-N.tmp/``, which is never a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from evertrain import faults
+from evertrain.checkpoint.errors import (
+    CheckpointError,
+    CheckpointWriteError,
+    InsufficientDiskSpaceError,
+    Problem,
+)
+from evertrain.checkpoint.format import (
+    MANIFEST,
+    STEP_DIR_RE,
+    _write_file,
+    _write_parts,
+    prepare_checkpoint,
+    step_dir_name,
+    verify_checkpoint,
+)
+from evertrain.checkpoint.manager import CheckpointInfo, CheckpointManager
+
+if TYPE_CHECKING:
+    from evertrain.distributed import Group
+
+_logger = logging.getLogger("evertrain.checkpoint")
+_RANK_OWNER_RE = re.compile(r"(?P<owner>[a-z0-9_]+?)_rank(?P<rank>[1-9][0-9]*)")
+# rank 0's broadcast after preparing, and after the commit
+_GO, _ABORT_DISK, _ABORT, _COMMITTED, _FAILED = 0, 1, 2, 3, 4
+_warned_async: list[bool] = []
+
+
+class PeerFiles(Protocol):
+    """The other ranks' part of a commit, driven by rank 0's
+    :func:`~evertrain.checkpoint.format.commit_checkpoint`."""
+
+    def start(self, tmp: Path) -> None:
+        """``tmp`` exists: the other ranks may write their files into it now."""
+
+    def finish(self, tmp: Path, own: Mapping[str, Any]) -> dict[str, Any]:
+        """Wait for every rank; return their files' manifest entries (``name -> {"size",
+        "xxh3_128"}``). Raises CheckpointWriteError if a rank failed (nothing is committed).
+        ``own`` is rank 0's entries, which no other rank's name may repeat."""
+        ...
+
+
+def rank_owner(owner: str, rank: int) -> str:
+    """The owner name under which ``rank`` saves its per-rank owner ``owner``: ``owner``
+    itself for rank 0 (a 1-process checkpoint has the plain layout), else
+    ``<owner>_rank<rank>``."""
+    return owner if rank == 0 else f"{owner}_rank{rank}"
+
+
+def saved_world_size(states: Mapping[str, Any]) -> int:
+    """Processes that wrote a checkpoint, from its owner names: 1 + the highest ``R`` of an
+    ``<owner>_rank<R>`` owner (1 when there is none)."""
+    ranks = [int(m["rank"]) for n in states if (m := _RANK_OWNER_RE.fullmatch(n))]
+    return 1 + max(ranks, default=0)
+
+
+def rank_problems(manifest: Mapping[str, Any]) -> list[Problem]:
+    """What a multi-rank checkpoint's manifest lacks: for ``summary["ranks"] = {"world_size":
+    W, "per_rank_owners": [X, ...]}``, the files ``X.json`` and ``X_rank<r>.json`` for
+    ``r`` in ``1..W-1``. ``[]`` for a 1-process checkpoint (no ``ranks``)."""
+    ranks = manifest.get("summary", {}).get("ranks")
+    if ranks is None:
+        return []
+    world, owners = (ranks.get("world_size"), ranks.get("per_rank_owners"))
+    if not (
+        isinstance(world, int)
+        and world >= 1
+        and isinstance(owners, list)
+        and all(isinstance(o, str) for o in owners)
+    ):
+        return [Problem(MANIFEST, f"summary.ranks is malformed: {ranks!r}")]
+    files = manifest.get("files", {})
+    return [
+        Problem(
+            f"{rank_owner(o, r)}.json",
+            f"rank {r} of {world}: not listed in the manifest (the checkpoint lacks that "
+            f"rank's state)",
+        )
+        for r in range(world)
+        for o in owners
+        if f"{rank_owner(o, r)}.json" not in files
+    ]
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    try:
+        m = json.loads((path / MANIFEST).read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return m if isinstance(m, dict) else {}
+
+
+def choose_checkpoint(
+    root: Path, group: Group, log: Callable[[str], None] | None = None
+) -> CheckpointInfo | None:
+    """The checkpoint under ``root`` (``RUN/checkpoints``) to resume: the newest that
+    verifies completely, every rank's files included
+    (:func:`~evertrain.checkpoint.verify_checkpoint` and :func:`rank_problems`).
+
+    Rank 0 chooses (reading every byte of each candidate, newest first; a damaged one is
+    reported through ``log`` and skipped, never deleted) and broadcasts the step, so every
+    rank resumes the same checkpoint. Collective: every rank must call it.
+
+    Returns:
+        The chosen checkpoint, or None if no step directory verifies.
+    """
+    warn = log or _logger.warning
+    chosen = -1
+    if group.rank == 0:
+        dirs = []
+        if root.is_dir():
+            for d in root.iterdir():
+                m = STEP_DIR_RE.fullmatch(d.name)
+                if m and d.is_dir():
+                    dirs.append((int(m.group(1)), d))
+        for step, path in sorted(dirs, reverse=True):
+            problems = verify_checkpoint(path)
+            fatal = [p for p in problems if p.fatal]
+            if not fatal:
+                fatal = rank_problems(_manifest(path))
+            if fatal:
+                warn(
+                    f"WARNING: checkpoint {path} is DAMAGED and will NOT be used: "
+                    + "; ".join(str(p) for p in fatal)
+                    + " -- falling back to an older checkpoint; the damaged directory "
+                    "is left in place for inspection"
+                )
+                continue
+            for problem in problems:
+                warn(f"warning: checkpoint {path}: {problem}")
+            chosen = step
+            break
+    chosen = group.broadcast_ints([chosen])[0]
+    if chosen < 0:
+        return None
+    path = root / step_dir_name(chosen)
+    summary = _manifest(path).get("summary")
+    return CheckpointInfo(path, chosen, summary if isinstance(summary, dict) else {})
+
+
+# --------------------------------------------------------------------------- saving
+
+
+class _Leader:
+    """Rank 0's side of the protocol; tracks how far it got so that a failure at any point
+    still releases the other ranks (a rank left in a collective would wait forever)."""
+
+    def __init__(self, group: Group, global_step: int) -> None:
+        self.group, self.global_step = group, global_step
+        self.phase = "prepare"
+
+    def start(self, tmp: Path) -> None:
+        self.group.broadcast_ints([_GO, 0, 0])
+        self.phase = "write"
+
+    def finish(self, tmp: Path, own: Mapping[str, Any]) -> dict[str, Any]:
+        reports = _gather(self.group, {"ok": True, "files": {}})
+        self.phase = "commit"
+        failed = [f"rank {r}: {rep.get('error')}" for r, rep in enumerate(reports) if not rep["ok"]]
+        if failed:
+            raise CheckpointWriteError(
+                f"step {self.global_step}: not committed, a rank failed to write its part "
+                f"({'; '.join(failed)}); the previous checkpoint stays the newest"
+            )
+        files: dict[str, Any] = {}
+        for r, rep in enumerate(reports[1:], start=1):
+            for name, entry in rep["files"].items():
+                m = _RANK_OWNER_RE.fullmatch(name.partition(".")[0])
+                if m is None or int(m["rank"]) != r or name in own or name in files:
+                    raise CheckpointWriteError(
+                        f"step {self.global_step}: rank {r} reported file {name!r}, which is "
+                        f"not one of its own <owner>_rank{r} files; not committed"
+                    )
+                files[name] = entry
+        return files
+
+    def fail(self, error: BaseException) -> None:
+        if self.phase == "prepare":
+            if isinstance(error, InsufficientDiskSpaceError):
+                free, need = error.free_bytes, error.required_bytes
+                self.group.broadcast_ints([_ABORT_DISK, free, need])
+            else:
+                self.group.broadcast_ints([_ABORT, 0, 0])
+            return
+        if self.phase == "write":
+            _gather(self.group, {"ok": False, "files": {}, "error": f"{error}"})
+        self.group.broadcast_ints([_FAILED])
+
+
+def _gather(group: Group, report: dict[str, Any]) -> list[dict[str, Any]]:
+    blobs = group.all_gather_bytes(json.dumps(report).encode())
+    return [json.loads(b) for b in blobs]
+
+
+def _write_peer_part(
+    tmp: Path, states: Mapping[str, Mapping[str, Any]], global_step: int
+) -> dict[str, Any]:
+    """Write this rank's owners into ``tmp``: their manifest entries."""
+    if not tmp.is_dir():
+        raise CheckpointWriteError(
+            f"{tmp} does not exist on this rank: is the run directory "
+            "on a file system every node shares?"
+        )
+    prepared = prepare_checkpoint(states, {}, global_step=global_step)
+    files: dict[str, Any] = {}
+    for owner in prepared.owners:
+        files[f"{owner.name}.json"] = _write_file(tmp / f"{owner.name}.json", owner.json_bytes)
+        if len(files) == 1:
+            faults.maybe_crash("save", global_step)
+        if owner.tensors is not None:
+            name = f"{owner.name}.safetensors"
+            files[name] = _write_parts(tmp / name, owner.tensor_parts())
+    return files
+
+
+def save_ranked(
+    manager: CheckpointManager,
+    group: Group,
+    global_step: int,
+    states: Mapping[str, Mapping[str, Any]],
+    summary: Mapping[str, Any],
+    *,
+    per_rank_owners: Iterable[str] = ("rng",),
+    protect: Iterable[int] = (),
+    async_requested: bool = False,
+) -> Path:
+    """Commit one checkpoint of a multi-process run (the protocol in the module docstring).
+    Collective: every rank calls it with the same ``global_step``; synchronous.
+
+    Args:
+        manager: the run's checkpoint manager (rank 0 commits and applies retention with it).
+        group: this process's group.
+        global_step: optimizer steps completed.
+        states: on rank 0 every owner; on other ranks at least ``per_rank_owners`` (the rest
+            is ignored).
+        summary: the manifest summary (rank 0's is used); ``ranks`` is added.
+        per_rank_owners: owners each rank saves for itself.
+        protect: global_steps retention must not delete (rank 0).
+        async_requested: ``checkpoint.async`` is set; the save is synchronous anyway (the
+            protocol's collectives run in the training thread), which rank 0 warns about once.
+
+    Returns:
+        The committed checkpoint directory (on every rank).
+
+    Raises:
+        InsufficientDiskSpaceError: rank 0 found too little free space; nothing written, on
+            every rank.
+        CheckpointWriteError: some rank failed (named in the message); nothing committed,
+            the partial ``step-N.tmp/`` removed, on every rank.
+        CheckpointError: invalid states (rank 0's are validated before anything is written).
+    """
+    owners = sorted(set(per_rank_owners))
+    final = manager.root / step_dir_name(global_step)
+    if async_requested and group.rank == 0 and not _warned_async:
+        _warned_async.append(True)
+        _logger.warning(
+            "checkpoint.async is not supported with several processes yet: checkpoints are "
+            "saved synchronously"
+        )
+    if group.rank == 0:
+        leader = _Leader(group, global_step)
+        full = {**summary, "ranks": {"world_size": group.world_size, "per_rank_owners": owners}}
+        try:
+            manager.save(global_step, states, full, protect=protect, peers=leader)
+        except BaseException as e:
+            leader.fail(e)
+            raise
+        group.broadcast_ints([_COMMITTED])
+        return final
+    code, free, need = group.broadcast_ints([0, 0, 0])
+    if code == _ABORT_DISK:
+        raise InsufficientDiskSpaceError(
+            manager.root,
+            free,
+            need,
+            f"step {global_step} not saved: rank 0 found {free} bytes free, needs {need}",
+        )
+    if code != _GO:
+        raise CheckpointWriteError(
+            f"step {global_step} not saved: rank 0 failed before writing (see its error)"
+        )
+    tmp = final.with_name(final.name + ".tmp")
+    mine = {rank_owner(o, group.rank): states[o] for o in owners}
+    try:
+        report: dict[str, Any] = {"ok": True, "files": _write_peer_part(tmp, mine, global_step)}
+    except (CheckpointError, OSError) as e:
+        report = {"ok": False, "files": {}, "error": f"{type(e).__name__}: {e}"}
+    reports = _gather(group, report)
+    t0 = time.monotonic()
+    if group.broadcast_ints([0])[0] != _COMMITTED:
+        why = "; ".join(f"rank {r}: {p['error']}" for r, p in enumerate(reports) if not p["ok"])
+        raise CheckpointWriteError(
+            f"step {global_step}: not committed ({why or 'rank 0 failed to commit: see its error'}"
+            f"); the previous checkpoint stays the newest"
+        )
+    _logger.debug(
+        "rank %d: step %d committed (waited %.3fs)", group.rank, global_step, time.monotonic() - t0
+    )
+    return final

@@ -1,0 +1,156 @@
+"""``evertrain watch RUN``: the continuous training daemon (see :mod:`evertrain.daemon`)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from evertrain.cli.errors import user_errors
+
+if TYPE_CHECKING:
+    from evertrain.daemon import Daemon
+
+log = logging.getLogger("evertrain")
+EXIT_LOCKED = 3
+
+
+def watch(
+    run_dir: Annotated[Path, typer.Argument(help="run directory (created on first use)")],
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="YAML config; omit to reuse the run's stored config"),
+    ] = None,
+    once: Annotated[
+        bool, typer.Option("--once", help="process the inbox and the queue, then exit")
+    ] = False,
+    ui: Annotated[
+        bool, typer.Option("--ui", help="also start the dashboard (evertrain ui)")
+    ] = False,
+    port: Annotated[int, typer.Option(help="dashboard port (with --ui)")] = 8765,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override: dotted.key=value (repeatable)")
+    ] = None,
+    allow_config_change: Annotated[
+        bool, typer.Option(help="resume although a breaking config change was made")
+    ] = False,
+) -> None:
+    """Train on every file dropped into RUN/inbox, cumulatively and exactly once.
+
+    Write files into the inbox as NAME.part (or .NAME) and rename them when complete.
+    Stop with Ctrl-C or SIGTERM (a checkpoint is written); run the same command to resume.
+    Exit codes: 0 done/stopped, 1 final checkpoint not written (disk full), 2 bad config,
+    data or run directory, 3 another daemon runs on RUN.
+    """
+    from evertrain.cli.status import console_for_tables, files_table, ledger_rows
+    from evertrain.daemon.lock import RunLock, RunLockedError
+
+    # Refuse a second daemon at once, before loading torch and the model (the daemon takes
+    # the lock again for good when it starts).
+    if (run_dir / "daemon.lock").exists():
+        probe = RunLock(run_dir / "daemon.lock")
+        try:
+            probe.acquire()
+        except RunLockedError as e:
+            typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(EXIT_LOCKED) from None
+        probe.release()
+    from evertrain.daemon import (
+        Daemon,
+        DaemonError,
+        Ledger,
+        LedgerError,
+        ReconcileError,
+        resolve_watch_config,
+    )
+
+    code = 0
+    try:
+        with user_errors():
+            stored = None
+            if config is None and (run_dir / "ledger.sqlite").exists():
+                ledger = Ledger(run_dir / "ledger.sqlite", readonly=True)
+                stored = ledger.meta_get("config")
+                ledger.close()
+            cfg = resolve_watch_config(run_dir, config, set_ or [], stored)
+            daemon = Daemon(run_dir, cfg, once=once, allow_config_change=allow_config_change)
+            with _dashboard(run_dir, port) if ui else contextlib.nullcontext():
+                with _progress(daemon):
+                    code = daemon.run()
+    except RunLockedError as e:
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(EXIT_LOCKED) from None
+    except (DaemonError, ReconcileError, LedgerError) as e:
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
+    rows = ledger_rows(run_dir)
+    if rows:
+        console_for_tables().print(files_table(rows))
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _dashboard(run_dir: Path, port: int) -> Iterator[None]:
+    """``evertrain ui RUN --port P`` in its own process, stopped when the daemon stops (a
+    crash of either never takes the other down)."""
+    cmd = [sys.executable, "-m", "evertrain", "ui", str(run_dir), "--port", str(port)]
+    proc = subprocess.Popen(cmd)
+    time.sleep(0.5)
+    if proc.poll() is not None:
+        log.warning("the dashboard exited at once (code %s): %s", proc.returncode, " ".join(cmd))
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@contextlib.contextmanager
+def _progress(daemon: Daemon) -> Iterator[None]:
+    """A rich progress bar per file on a terminal; elsewhere the daemon's log lines."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("step {task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+    )
+    tasks: dict[int, Any] = {}
+
+    def on_event(event: str, payload: dict[str, Any]) -> None:
+        if event == "file_start":
+            plan = payload["plan"]
+            if plan.id not in tasks:
+                tasks[plan.id] = bar.add_task(
+                    f"#{plan.id} {plan.name}", total=plan.steps_total, info=""
+                )
+            bar.update(tasks[plan.id], completed=plan.steps_done)
+        elif event == "step":
+            s, plan = payload["stats"], payload["plan"]
+            tok_s = daemon.meter.tokens_per_second() or 0.0
+            bar.update(
+                tasks[plan.id],
+                completed=plan.steps_done,
+                info=f"loss {s.loss:.4f} lr {s.lr:.2e} {tok_s:.0f} tok/s ep {s.epoch}",
+            )
+
+    daemon.listeners.append(on_event)
+    with bar:
+        yield
+    daemon.listeners.remove(on_event)

@@ -1,0 +1,218 @@
+"""The inbox: which entries are complete files ready to take, which are refused at the door,
+and waking the daemon when something changes.
+
+Convention for writers (see ``docs/run-directory.md``): write the file under a name the
+daemon ignores (``NAME.part``, ``NAME.tmp`` or a hidden ``.NAME``) and rename it to its final
+name when complete; a rename within one file system is atomic, so the daemon never sees a
+half-written file. Files copied in directly are also handled: an entry is taken only when it
+is a regular file whose size and mtime have not changed for ``watch.settle_seconds``.
+
+Refused at the door (moved to ``rejected/`` with a reason, never read): symbolic links,
+directories, other non-regular files, files over ``watch.max_file_bytes``, and files still
+changing after ``watch.settle_timeout_seconds``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("evertrain.daemon")
+
+IGNORED_SUFFIXES = (".part", ".tmp")
+
+
+def is_ignored(name: str) -> bool:
+    """Names the daemon never touches: hidden (``.x``) and in-progress (``*.part``,
+    ``*.tmp``, any case) entries."""
+    return name.startswith(".") or name.lower().endswith(IGNORED_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """An inbox entry ready to leave the inbox.
+
+    Attributes:
+        name: the entry's name in the inbox.
+        reject: None to take it for training, else why it is refused (one line).
+        mtime_ns: modification time (arrival order: mtime, then name).
+    """
+
+    name: str
+    reject: str | None
+    mtime_ns: int
+
+
+@dataclass
+class _Seen:
+    size: int
+    mtime_ns: int
+    first_seen: float
+    first_size: int
+    last_change: float
+
+
+class InboxScanner:
+    """Decides, scan after scan, which inbox entries are complete.
+
+    A regular file is complete when its (size, mtime) has not changed between scans for
+    ``settle_seconds`` *and* its mtime is at least ``settle_seconds`` old (a file that is
+    already old when first seen is taken at once).
+
+    Args:
+        inbox: the inbox folder.
+        settle_seconds: quiet time that makes a file complete (seconds).
+        settle_timeout_seconds: a file still changing this long after it was first seen is
+            refused (seconds).
+        max_file_bytes: larger files are refused.
+        clock, wall: monotonic and wall clocks in seconds (tests pass fakes).
+    """
+
+    def __init__(
+        self,
+        inbox: Path,
+        settle_seconds: float,
+        settle_timeout_seconds: float,
+        max_file_bytes: int,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.inbox = inbox
+        self.settle, self.timeout, self.max_bytes = (
+            settle_seconds,
+            settle_timeout_seconds,
+            max_file_bytes,
+        )
+        self.clock, self.wall = clock, wall
+        self._seen: dict[str, _Seen] = {}
+        self.settling: list[str] = []  # regular files seen but not yet complete
+
+    def scan(self) -> list[Arrival]:
+        """Entries ready to leave the inbox, in arrival order (mtime, then name)."""
+        now, wall_now = self.clock(), self.wall()
+        ready: list[Arrival] = []
+        settling: list[str] = []
+        present: set[str] = set()
+        try:
+            entries = sorted(os.listdir(self.inbox))
+        except FileNotFoundError:
+            return []
+        for name in entries:
+            if is_ignored(name):
+                continue
+            try:
+                st = os.lstat(self.inbox / name)
+            except FileNotFoundError:  # renamed away between listdir and lstat
+                continue
+            present.add(name)
+            reason = _refuse_kind(st.st_mode)
+            if reason is not None:
+                ready.append(Arrival(name, reason, st.st_mtime_ns))
+                continue
+            seen = self._seen.get(name)
+            if seen is None:
+                seen = _Seen(st.st_size, st.st_mtime_ns, now, st.st_size, now)
+                self._seen[name] = seen
+                if wall_now - st.st_mtime_ns / 1e9 >= self.settle:
+                    seen.last_change = now - self.settle  # old already: quiet long enough
+            elif (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns):
+                seen.size, seen.mtime_ns, seen.last_change = st.st_size, st.st_mtime_ns, now
+            quiet = now - seen.last_change >= self.settle
+            if quiet and wall_now - st.st_mtime_ns / 1e9 >= self.settle:
+                if st.st_size > self.max_bytes:
+                    ready.append(
+                        Arrival(
+                            name,
+                            f"file is {st.st_size} bytes, over watch.max_file_bytes "
+                            f"({self.max_bytes}); split it into smaller files or raise "
+                            "watch.max_file_bytes",
+                            st.st_mtime_ns,
+                        )
+                    )
+                else:
+                    ready.append(Arrival(name, None, st.st_mtime_ns))
+            elif now - seen.first_seen >= self.timeout:
+                ready.append(
+                    Arrival(
+                        name,
+                        f"still being written: its size went from {seen.first_size} to "
+                        f"{st.st_size} bytes over {now - seen.first_seen:.0f} s without "
+                        f"settling (watch.settle_timeout_seconds {self.timeout:g}); write it "
+                        f"as {name}.part and rename it to {name} when it is complete",
+                        st.st_mtime_ns,
+                    )
+                )
+            else:
+                settling.append(name)
+        for name in list(self._seen):
+            if name not in present:
+                del self._seen[name]
+        for a in ready:
+            self._seen.pop(a.name, None)
+        self.settling = settling
+        ready.sort(key=lambda a: (a.mtime_ns, a.name))
+        return ready
+
+
+def _refuse_kind(mode: int) -> str | None:
+    if stat.S_ISLNK(mode):
+        return (
+            "is a symbolic link: the daemon takes regular files only (a link's target can "
+            "change or vanish after it is recorded); move or copy the file itself into the inbox"
+        )
+    if stat.S_ISDIR(mode):
+        return "is a directory: put the data files themselves into the inbox, not a folder"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a FIFO, socket or device); put data files in the inbox"
+    return None
+
+
+class InboxWatcher:
+    """Sets ``wake`` when the inbox changes: filesystem events through ``watchdog`` when it
+    is installed, else nothing (the daemon then polls every ``watch.poll_seconds``, which it
+    does anyway as a fallback for file systems without events, e.g. network mounts).
+
+    Attributes:
+        mode: ``"events"`` or ``"polling"``.
+    """
+
+    def __init__(self, inbox: Path, wake: threading.Event) -> None:
+        self.inbox, self.wake = inbox, wake
+        self.mode = "polling"
+        self._observer: Any = None
+
+    def start(self) -> None:
+        try:
+            from watchdog.events import FileSystemEventHandler
+            from watchdog.observers import Observer
+        except ImportError:
+            log.info("watchdog is not installed: polling %s", self.inbox)
+            return
+        wake = self.wake
+
+        class _Handler(FileSystemEventHandler):  # type: ignore[misc]
+            def on_any_event(self, event: Any) -> None:
+                wake.set()
+
+        try:
+            observer = Observer()
+            observer.daemon = True
+            observer.schedule(_Handler(), str(self.inbox), recursive=False)
+            observer.start()
+        except OSError as e:  # e.g. inotify watch limit reached
+            log.warning("cannot watch %s for events (%s): polling instead", self.inbox, e)
+            return
+        self._observer, self.mode = observer, "events"
+
+    def stop(self) -> None:
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            observer.join(timeout=5)

@@ -1,0 +1,272 @@
+"""The dashboard over a run that a tiny-model daemon is training: `evertrain watch --ui`.
+
+Daemon and dashboard run as separate processes, one pair for the whole module (starting
+the daemon costs seconds):
+pause/resume through the API must be honoured by the running daemon, and the page in real
+headless Chromium (Debian's ``chromium``, driven by Playwright with the system executable;
+``scripts/install-browser-test-deps.sh`` installs both) must show the live run, list a
+trained and a rejected file, and take an upload into the ledger. The screenshot is saved as
+``test-artifacts/dashboard.png``. Only the browser test is skipped, with that hint, when
+chromium is not installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_DATA = REPO / "examples" / "data" / "tiny.jsonl"
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+WATCH_CONFIG = {
+    "seed": 1234,
+    "model": {"source": "tiny", "dtype": "float32"},
+    "data": {"seq_len": 64, "val_fraction": 0.1, "num_workers": 0},
+    "train": {"micro_batch_size": 4, "grad_accum_steps": 1, "lr": 2e-3, "eval_every_steps": 10},
+    "checkpoint": {"every_steps": 10, "keep_last": 2},
+    "watch": {"settle_seconds": 0.2, "poll_seconds": 0.2, "status_every_seconds": 0.3},
+}
+
+
+def tiny_lines(start: int, stop: int) -> str:
+    return "".join(TINY_DATA.read_text(encoding="utf-8").splitlines(True)[start:stop])
+
+
+def wait_for(what: str, cond: Callable[[], Any], timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@dataclass
+class Live:
+    run: Path
+    url: str
+    token: str
+    daemon: subprocess.Popen[bytes]
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path.lstrip("/"), timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: bytes = b"") -> Any:
+        req = urllib.request.Request(
+            self.url + path.lstrip("/"),
+            data=body,
+            method="POST",
+            headers={"Authorization": f"Bearer {self.token}"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    def status(self) -> dict[str, Any]:
+        return self.get("/api/status")["status"] or {}
+
+    def ledger(self) -> dict[str, str]:
+        """name -> status, read from ledger.sqlite directly (not through the dashboard)."""
+        uri = f"{(self.run / 'ledger.sqlite').as_uri()}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as con:
+            return dict(con.execute("SELECT name, status FROM files"))
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    """`evertrain watch RUN --ui --port 0` (daemon + dashboard), its first file trained."""
+    tmp = tmp_path_factory.mktemp("live")
+    run = tmp / "run"
+    (run / "inbox").mkdir(parents=True)
+    config = tmp / "watch.yaml"
+    config.write_text(yaml.safe_dump(WATCH_CONFIG))
+    (run / "inbox" / "first.jsonl").write_text(tiny_lines(0, 24))
+    (run / "inbox" / "broken.csv").write_text("text\n\n")  # a header and no record
+    log = open(tmp / "daemon.log", "wb")  # noqa: SIM115 - closed below
+    cmd = [sys.executable, "-m", "evertrain", "watch", str(run), "--config", str(config)]
+    watch = subprocess.Popen([*cmd, "--ui", "--port", "0"], stdout=subprocess.PIPE, stderr=log)
+    lines: queue.Queue[str] = queue.Queue()  # the dashboard's stdout is the watch's stdout
+
+    def pump() -> None:
+        assert watch.stdout is not None
+        for raw in watch.stdout:
+            lines.put(raw.decode(errors="replace"))
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        url = None
+        while url is None:
+            try:
+                m = re.search(r"serving .* at (http://\S+)", lines.get(timeout=60))
+            except queue.Empty:
+                raise AssertionError(
+                    f"no dashboard URL: {(tmp / 'daemon.log').read_text()}"
+                ) from None
+            url = m.group(1) if m else None
+        live = Live(run, url, (run / "ui-token").read_text().strip(), watch)
+
+        def settled() -> bool:
+            if watch.poll() is not None:
+                raise AssertionError(f"daemon exited: {(tmp / 'daemon.log').read_text()}")
+            return live.status().get("counts", {}).get("done") == 1
+
+        wait_for("the first file to be trained", settled, timeout=90)
+        yield live
+    finally:
+        watch.send_signal(signal.SIGTERM)  # checkpoint after the step in flight, then exit
+        try:
+            assert watch.wait(timeout=60) == 0, (tmp / "daemon.log").read_text()
+        finally:
+            if watch.poll() is None:
+                watch.kill()
+            log.close()
+        with pytest.raises(urllib.error.URLError):  # the dashboard stopped with it
+            urllib.request.urlopen(url + "api/status", timeout=5)
+
+
+def test_pause_and_resume_are_honoured_by_the_running_daemon(live: Live) -> None:
+    assert live.post("/api/inbox?name=long.jsonl", tiny_lines(40, 160).encode())["size_bytes"]
+
+    def training_long() -> bool:
+        cur = live.status().get("current_file") or {}
+        return cur.get("name") == "long.jsonl" and cur.get("steps_done", 0) >= 2
+
+    wait_for("training on long.jsonl", training_long)
+    assert live.post("/api/pause")["control"]["paused"] is True
+    wait_for("the daemon to pause", lambda: live.status().get("state") == "paused", 30)
+    held = live.status()["global_step"]
+    time.sleep(1.5)  # ~5 steps' time: none may happen while paused
+    assert live.status()["global_step"] == held
+    metrics = live.get(f"/api/metrics?since_step={held - 1}")
+    assert metrics["last_step"] == held
+    assert live.ledger()["long.jsonl"] == "training"
+    with urllib.request.urlopen(live.url + "metrics", timeout=30) as r:  # Prometheus text
+        assert f"evertrain_global_step {held}\n" in r.read().decode()
+
+    assert live.post("/api/resume")["control"]["paused"] is False
+    wait_for("training to go on", lambda: (live.status().get("global_step") or 0) > held, 30)
+    assert live.status()["state"] in ("training", "idle")
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[Any]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("playwright is not installed; run scripts/install-browser-test-deps.sh")
+    with tempfile.TemporaryDirectory() as profile, sync_playwright() as p:
+        # a persistent context is Playwright's way to pass a fresh --user-data-dir
+        ctx = p.chromium.launch_persistent_context(
+            profile,
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1400, "height": 1000},
+        )
+        try:
+            yield ctx
+        finally:
+            ctx.close()
+
+
+def coloured_pixels(page: Any, chart: str) -> int:
+    """Pixels of a chart's canvas in a saturated series colour (data lines, not grey axes)."""
+    return int(
+        page.evaluate(
+            """(id) => {
+              const c = document.querySelector('#' + id + ' canvas');
+              const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+              let n = 0;
+              for (let i = 0; i < d.length; i += 4) {
+                const hi = Math.max(d[i], d[i + 1], d[i + 2]);
+                const lo = Math.min(d[i], d[i + 1], d[i + 2]);
+                if (d[i + 3] > 200 && hi - lo > 80) n++;
+              }
+              return n;
+            }""",
+            chart,
+        )
+    )
+
+
+@pytest.mark.skipif(
+    not Path(CHROMIUM).exists(),
+    reason="chromium is not installed; run scripts/install-browser-test-deps.sh",
+)
+def test_dashboard_in_headless_chromium(live: Live, tmp_path: Path) -> None:
+    upload = tmp_path / "from-browser.jsonl"
+    upload.write_text(tiny_lines(160, 200))
+    errors: list[str] = []
+    with chromium() as ctx:
+        page = ctx.new_page()
+        page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+        page.on("console", lambda m: m.type == "error" and errors.append(f"console: {m.text}"))
+        page.goto(live.url)  # on loopback anyone local may look; acting needs the token
+        page.click("#btn-snapshot")
+        page.wait_for_selector("#control-msg:has-text('sign in with the access token')")
+        page.fill("#token-input", live.token)
+        with page.expect_navigation(url=live.url):  # /?token= sets a cookie, redirects to /
+            page.click("#btn-token")
+        assert page.get_attribute('meta[name="evertrain-token"]', "content") == live.token
+        # two full poll rounds: status, metrics, files and checkpoints all rendered
+        page.wait_for_selector('body[data-polls]:not([data-polls="1"])', state="attached")
+
+        for chart in ("loss", "lr", "tps", "eval"):
+            assert int(page.get_attribute(f"#chart-{chart}", "data-points") or 0) > 0, chart
+            assert coloured_pixels(page, f"chart-{chart}") > 50, chart  # lines were drawn
+        rows = page.locator("#files-table tbody tr").all_inner_texts()
+        assert any("first.jsonl" in r and "done" in r for r in rows), rows
+        assert any("broken.csv" in r and "rejected" in r and "no valid records" in r for r in rows)
+        assert page.locator("#checkpoints-table tbody tr").count() >= 1
+
+        page.click("#btn-snapshot")  # the daemon exports one after its current step
+        page.wait_for_selector("#snapshots-table td:has-text('-step-')", timeout=30000)
+
+        page.set_input_files("#upload-file", str(upload))
+        page.click("#btn-upload")
+        page.wait_for_selector("#upload-msg:has-text('uploaded from-browser.jsonl')")
+        wait_for("the upload in the ledger", lambda: "from-browser.jsonl" in live.ledger())
+        page.wait_for_selector("#files-table td:has-text('from-browser.jsonl')", timeout=15000)
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+
+        page.click("#btn-pause")  # the daemon honouring it is tested above
+        page.wait_for_selector("#btn-pause:has-text('Resume')")
+        assert json.loads((live.run / "control.json").read_text())["paused"] is True
+        page.click("#btn-pause")
+        page.wait_for_selector("#btn-pause:has-text('Pause')")
+        assert json.loads((live.run / "control.json").read_text())["paused"] is False
+
+    assert errors == []
