@@ -7,7 +7,8 @@ optimizer, progress, rng) through ``CheckpointManager``.
 
 Peers, all made durable the same way (every file fsynced, then the directory):
 - ``disk``: files of the same sizes written from the state's own tensor memory with
-  ``os.write`` (16 MiB per call) and fsynced: the disk's own limit.
+  ``os.write`` (16 MiB per call) under evertrain's fsync policy and overlap (see
+  ``common.raw_write``): the disk's own limit.
 - ``torch.save``: the same state dicts pickled into one file.
 - ``hf_trainer``: ``transformers.Trainer._save_checkpoint`` (model.safetensors via
   save_pretrained, optimizer.pt, scheduler.pt, rng_state.pth, trainer_state.json, ...) of

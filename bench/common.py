@@ -16,6 +16,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -99,20 +100,31 @@ _RAW_CHUNK = 16 << 20
 
 
 def raw_write(directory: Path, sizes: list[int], sources: list[memoryview]) -> float:
-    """The disk's own limit for a checkpoint: write files of ``sizes`` bytes into a new
-    ``directory`` straight from memory with ``os.write`` (at most 16 MiB per call), fsync
-    each file, then the directory, as evertrain's commit does. Returns seconds.
+    """The disk's own limit for a checkpoint: write files of ``sizes`` bytes straight from
+    memory with ``os.write`` (at most 16 MiB per call) under evertrain's fsync policy and
+    with its overlap: into ``<directory>.tmp``, each file fsynced on a pool of 4 threads
+    while the next is written, the directory fsynced, renamed to ``directory``, the parent
+    fsynced. No hashing, no serialisation. Returns seconds.
 
     The bytes come from ``sources`` in turn (pass the state's own tensors, see
     :func:`state_buffers`): on this VM memory left untouched for a few seconds reads slowly
     the next time (the host reclaims it), so a separate buffer would handicap the baseline.
     """
-    t0 = time.perf_counter()
-    directory.mkdir()
-    src, pos = 0, 0
-    for i, size in enumerate(sizes):
-        fd = os.open(directory / f"f{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+    def sync(fd: int) -> None:
         try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    t0 = time.perf_counter()
+    tmp = directory.with_name(directory.name + ".tmp")
+    tmp.mkdir()
+    src, pos = 0, 0
+    with ThreadPoolExecutor(4) as pool:
+        pending = []
+        for i, size in enumerate(sizes):
+            fd = os.open(tmp / f"f{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             left = size
             while left:
                 view = sources[src % len(sources)]
@@ -122,15 +134,21 @@ def raw_write(directory: Path, sizes: list[int], sources: list[memoryview]) -> f
                     continue
                 n = os.write(fd, chunk)
                 pos, left = pos + n, left - n
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(directory, os.O_RDONLY)
+            pending.append(pool.submit(sync, fd))
+        for f in pending:
+            f.result()
+    _fsync_dir(tmp)
+    os.rename(tmp, directory)
+    _fsync_dir(directory.parent)
+    return time.perf_counter() - t0
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return time.perf_counter() - t0
 
 
 def state_buffers(tree: Any) -> list[memoryview]:
@@ -157,13 +175,14 @@ def state_buffers(tree: Any) -> list[memoryview]:
 
 
 def raw_read(paths: list[Path]) -> float:
-    """Read every file whole into memory (one allocation per file, as a loader must). Seconds."""
+    """Read every file whole into fresh, uninitialised memory (one allocation per file, as a
+    loader must; no zero-filling). Seconds."""
     t0 = time.perf_counter()
     for p in paths:
         with open(p, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
-            buf = bytearray(size)
-            view, got = memoryview(buf), 0
+            buf = torch.empty(size, dtype=torch.uint8)
+            view, got = memoryview(buf.numpy()).cast("B"), 0
             while got < size:
                 n = f.readinto(view[got:])
                 if not n:

@@ -10,11 +10,15 @@ owner ``<owner>.json`` (the nested state with each tensor replaced by
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import re
 import shutil
+import threading
 from collections.abc import Iterable, Iterator, Mapping
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -155,8 +159,58 @@ def _write_out(fd: int, h: Any, data: memoryview) -> None:
             chunk = chunk[os.write(fd, chunk) :]
 
 
+class _Syncer:
+    """fsyncs and closes files on helper threads while the writer goes on with the next
+    file: a checkpoint's CPU work (JSON encoding, hashing, copying into the page cache)
+    overlaps the disk's flushes instead of waiting for each, and concurrent fsyncs share
+    journal commits. :meth:`finish` waits until every file handed over is fsynced, so each
+    is durable before the directory is renamed (the commit protocol of
+    docs/checkpoint-format.md)."""
+
+    WORKERS = 4
+
+    def __init__(self) -> None:
+        self._fds: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._errors: list[OSError] = []
+        self._threads = [
+            threading.Thread(target=self._run, name="evertrain-checkpoint-fsync", daemon=True)
+            for _ in range(self.WORKERS)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _run(self) -> None:
+        while (fd := self._fds.get()) is not None:
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                self._errors.append(e)
+            finally:
+                os.close(fd)
+
+    def submit(self, fd: int) -> None:
+        """fsync and close ``fd`` (it now belongs to the syncer)."""
+        self._fds.put(fd)
+
+    def finish(self) -> None:
+        """Wait for every submitted fsync; raise the first OSError. Idempotent."""
+        for _ in self._threads:
+            self._fds.put(None)
+        for t in self._threads:
+            t.join()
+        self._threads = []
+        if self._errors:
+            raise self._errors[0]
+
+
+# Set by commit_checkpoint for its data files; elsewhere (None) every file is fsynced
+# before _write_parts returns.
+_deferred_sync: ContextVar[_Syncer | None] = ContextVar("evertrain_deferred_sync", default=None)
+
+
 def _write_parts(path: Path, parts: Iterable[Any]) -> dict[str, Any]:
-    """Write the concatenation of ``parts`` (bytes-like) to a new file and fsync it.
+    """Write the concatenation of ``parts`` (bytes-like) to a new file and fsync it (inside
+    :func:`commit_checkpoint`: hand the fsync to its syncer thread).
 
     The XXH3-128 digest is computed over the bytes as they are handed to the OS (no second
     read). Parts under 1 MiB are gathered before writing (a safetensors file of a model has
@@ -180,9 +234,15 @@ def _write_parts(path: Path, parts: Iterable[Any]) -> dict[str, Any]:
                 pending = bytearray()
             _write_out(fd, h, view)
         _write_out(fd, h, memoryview(pending))
-        os.fsync(fd)
+        syncer = _deferred_sync.get()
+        if syncer is None:
+            os.fsync(fd)
+        else:
+            syncer.submit(fd)
+            fd = -1
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
     return {"size": size, "xxh3_128": h.hexdigest()}
 
 
@@ -307,6 +367,16 @@ class PreparedCheckpoint:
         """Tensor bytes (what staging copies)."""
         return sum(o.tensors.data_nbytes for o in self.owners if o.tensors is not None)
 
+    @property
+    def estimated_size(self) -> int:
+        """:func:`estimate_size` of the states this was prepared from, without walking them
+        again (tensor bytes + 128 per tensor + 64 KiB per owner)."""
+        total = len(self.owners) * (64 << 10)
+        for o in self.owners:
+            if o.tensors is not None:
+                total += o.tensors.data_nbytes + 128 * len(o.tensors.tensors)
+        return total
+
     def staging_groups(self) -> list[tuple[torch.Tensor, ...]]:
         """Per owner with tensors, its tensors in file order (see :mod:`.staging`)."""
         return [o.tensors.tensors for o in self.owners if o.tensors is not None]
@@ -377,6 +447,9 @@ def commit_checkpoint(
         if target.exists():
             raise CheckpointError(f"{target} already exists; refusing to overwrite it")
     files: dict[str, Any] = {}
+    syncer = _Syncer()
+    token: Token[_Syncer | None] = _deferred_sync.set(syncer)
+    deferring = True
     try:
         tmp.mkdir(parents=True)
         if peers is not None:
@@ -398,11 +471,18 @@ def commit_checkpoint(
         }
         sealed = _seal(manifest)
         _write_file(tmp / MANIFEST, sealed)
+        _deferred_sync.reset(token)
+        deferring = False
+        syncer.finish()  # every file, the manifest too, durable before the rename
         faults.maybe_crash("commit", global_step)
         fsync_dir(tmp)
         os.rename(tmp, directory)
         fsync_dir(directory.parent)
     except BaseException as e:
+        if deferring:
+            _deferred_sync.reset(token)
+        with contextlib.suppress(OSError):
+            syncer.finish()  # closes the files before they are removed
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise CheckpointWriteError(

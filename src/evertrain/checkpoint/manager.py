@@ -22,7 +22,6 @@ from evertrain.checkpoint.format import (
     LoadedCheckpoint,
     PreparedCheckpoint,
     commit_checkpoint,
-    estimate_size,
     fsync_dir,
     prepare_checkpoint,
     read_checkpoint,
@@ -327,14 +326,19 @@ class CheckpointManager:
     def _begin(
         self, global_step: int, states: Mapping[str, Mapping[str, Any]], summary: Mapping[str, Any]
     ) -> tuple[Path, PreparedCheckpoint]:
-        """Everything before the write, in the caller: leftovers, disk space, validation,
+        """Everything before the write, in the caller: leftovers, validation, disk space,
         setting an existing step directory aside."""
         self.root.mkdir(parents=True, exist_ok=True)
         for p in self.root.iterdir():
             if _LEFTOVER_RE.fullmatch(p.name):
                 self._info(f"removing {p}, left by an interrupted save or deletion")
                 shutil.rmtree(p)
-        need = estimate_size(states) + self.min_free_bytes
+        final = self.root / step_dir_name(global_step)
+        if not states:
+            raise CheckpointError(f"{final}: no states to save")
+        prepared = prepare_checkpoint(states, summary, global_step=global_step)
+        # = estimate_size(states), from the layout: no second walk over every tensor
+        need = prepared.estimated_size + self.min_free_bytes
         free = shutil.disk_usage(self.root).free
         if free < need:
             raise InsufficientDiskSpaceError(
@@ -346,10 +350,6 @@ class CheckpointManager:
                 f"not saved, nothing deleted to make room. Free disk space, lower "
                 f"checkpoint.min_free_bytes or keep fewer checkpoints",
             )
-        final = self.root / step_dir_name(global_step)
-        if not states:
-            raise CheckpointError(f"{final}: no states to save")
-        prepared = prepare_checkpoint(states, summary, global_step=global_step)
         if final.exists():
             aside = final.with_name(f"{final.name}.damaged-{int(time.time())}")
             while aside.exists():
