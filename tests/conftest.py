@@ -1,4 +1,5 @@
-"""Shared helpers: small configs for the tiny model, and running the CLI in a subprocess."""
+"""Shared helpers: small configs for the tiny model, running the CLI in a subprocess, and
+comparing saved states exactly."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +93,24 @@ def train_losses(run: Path) -> dict[int, float]:
             assert rec["global_step"] not in out, f"step {rec['global_step']} logged twice"
             out[rec["global_step"]] = rec["loss"]
     return out
+
+
+def assert_identical(a: Any, b: Any, path: str = "") -> None:
+    """Every tensor torch.equal (dtype and shape too), every other leaf ==."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), path
+        assert a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b), f"tensor differs at {path}"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"keys differ at {path}: {set(a) ^ set(b)}"
+        for k in a:
+            assert_identical(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_identical(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 @pytest.fixture

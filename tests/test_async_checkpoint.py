@@ -12,6 +12,7 @@ import random
 import signal
 import threading
 import time
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,30 @@ def test_streamed_safetensors_bytes_equal_the_librarys(seed: int) -> None:
     assert laid.file_nbytes == len(expected)
     (staged,) = StagingBuffer().stage([laid.tensors])
     assert laid.header + bytes(tensor_bytes(staged)) == expected
+
+
+def _random_tree(rnd: random.Random, depth: int = 0) -> Any:
+    leaves: list[Any] = [
+        None, True, False, 0, -1, 2**70, 0.1, -0.0, 1e308, 5e-324, float("nan"),
+        float("inf"), float("-inf"), "", "é\u2603 \"q\" \\ \n\x01 /", "plain",
+    ]  # fmt: skip
+    kind = rnd.choice(["leaf", "dict", "list"] if depth < 4 else ["leaf"])
+    if kind == "leaf":
+        return rnd.choice(leaves)
+    n = rnd.randint(0, 4)
+    if kind == "list":
+        return [_random_tree(rnd, depth + 1) for _ in range(n)]
+    return {
+        rnd.choice(["a", "é", "k\n", str(i)]) + str(i): _random_tree(rnd, depth + 1)
+        for i in range(n)
+    }
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_tree_json_encoder_equals_json_dumps(seed: int) -> None:
+    """The owner-file encoder must write exactly what json.dumps(indent=1) writes."""
+    tree = _random_tree(random.Random(seed))
+    assert ckpt_format._dump_tree(tree) == ckpt_format._dump_json(tree, 1)
 
 
 def test_staging_buffer_is_reused_and_holds_a_copy() -> None:
@@ -205,7 +230,7 @@ def test_background_error_is_raised_by_the_next_call(
     with monkeypatch.context() as mp:
         _fail_safetensors_writes(mp)
         m.save_async(1, states(1), {})
-        m._writer._thread.join()  # type: ignore[union-attr]  # let it fail first
+        futures.wait([m._writer._job])  # type: ignore[list-item]  # let it fail first
     call = {
         "save_async": lambda: m.save_async(2, states(2), {}),
         "wait": m.wait,
@@ -304,9 +329,9 @@ def test_trainer_raises_a_background_error_at_a_following_step(
     _fail_safetensors_writes(monkeypatch)
 
     def let_the_save_of_step_5_fail(stats: Any) -> None:
-        thread = tr.checkpoints._writer._thread
-        if stats.global_step == 6 and thread is not None:
-            thread.join()
+        job = tr.checkpoints._writer._job
+        if stats.global_step == 6 and job is not None:
+            futures.wait([job])
 
     tr.on_step.append(let_the_save_of_step_5_fail)
     with pytest.raises(CheckpointWriteError, match="No space left on device"):
@@ -380,4 +405,5 @@ def test_async_writes_on_the_writer_thread_sync_on_the_caller(
     m, _ = manager(tmp_path)
     m.save_async(1, states(1), {})
     m.save(2, states(2), {})
-    assert names == ["evertrain-checkpoint-writer", threading.main_thread().name]
+    assert names[0].startswith("evertrain-checkpoint-writer")
+    assert names[1] == threading.main_thread().name

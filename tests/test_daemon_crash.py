@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import cli_env, evertrain, train_losses
+from conftest import assert_identical, cli_env, evertrain, train_losses
 from daemon_util import drop, equal_files, rows, watch_config
 from evertrain.checkpoint import CheckpointManager, KeepLast, read_checkpoint
 from evertrain.daemon.ledger import TIME_COLUMNS
-from test_exact_resume import assert_identical
 
 # 16 training rows per file, micro-batch 4 with 1 replay row from file 2 on, 3 micro-batches
 # per step, 2 epochs per file: file 1 = 8 micro-batches = 3 steps (the last of 2 micro-

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import cli_env, small_data, train_losses, write_config
+from conftest import assert_identical, cli_env, small_data, train_losses, write_config
 from evertrain import distributed
 from evertrain.checkpoint import (
     CheckpointInfo,
@@ -108,22 +108,6 @@ def example_ids(run_dir: Path) -> dict[int, list[int]]:
 
 def final_states(run_dir: Path) -> dict[str, Any]:
     return read_checkpoint(run_dir / "checkpoints" / f"step-{N:08d}").states
-
-
-def assert_identical(a: Any, b: Any, path: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a, b), f"tensor differs at {path}"
-    elif isinstance(a, dict):
-        assert set(a) == set(b), f"keys differ at {path}: {set(a) ^ set(b)}"
-        for k in a:
-            assert_identical(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_identical(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from conftest import cli_env, evertrain, train_losses, write_config
+from conftest import assert_identical, cli_env, evertrain, train_losses, write_config
 from evertrain.checkpoint import read_checkpoint
 
 N = 40  # optimizer steps; with 40 records, 3 epochs of ~13 steps each
@@ -25,24 +24,6 @@ N = 40  # optimizer steps; with 40 records, 3 epochs of ~13 steps each
 def final_state(run: Path) -> dict[str, Any]:
     ckpt = read_checkpoint(run / "checkpoints" / f"step-{N:08d}")
     return ckpt.states
-
-
-def assert_identical(a: Any, b: Any, path: str = "") -> None:
-    """Every tensor torch.equal (dtype and shape too), every other leaf ==."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), path
-        assert a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a, b), f"tensor differs at {path}"
-    elif isinstance(a, dict):
-        assert set(a) == set(b), f"keys differ at {path}: {set(a) ^ set(b)}"
-        for k in a:
-            assert_identical(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_identical(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 def kill_after_step(args: list[str], step: int) -> None:

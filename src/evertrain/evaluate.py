@@ -291,7 +291,7 @@ def write_eval_report(run_dir: str | Path, report: EvalReport) -> tuple[Path, Pa
     Raises:
         OSError: the run directory is not writable.
     """
-    from evertrain.data.atomic import atomic_write_bytes
+    from evertrain.fsutil import atomic_write_bytes
 
     out = Path(run_dir) / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)

@@ -89,8 +89,8 @@ def export_run(
             the run trained on.
         evertrain.models.ModelSourceError: the base model cannot be loaded any more.
     """
+    from evertrain.fsutil import staged_dir
     from evertrain.models import merge_and_save, save_peft_adapter
-    from evertrain.models.atomic import staged_dir
     from evertrain.restore import restore_model
 
     out = Path(out_dir)

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
-import queue
 import re
 import shutil
 import threading
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _encode_str
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -159,48 +161,44 @@ def _write_out(fd: int, h: Any, data: memoryview) -> None:
             chunk = chunk[os.write(fd, chunk) :]
 
 
+def _fsync_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_fsync_pool: ThreadPoolExecutor | None = None
+_fsync_pool_lock = threading.Lock()
+
+
 class _Syncer:
     """fsyncs and closes files on helper threads while the writer goes on with the next
     file: a checkpoint's CPU work (JSON encoding, hashing, copying into the page cache)
     overlaps the disk's flushes instead of waiting for each, and concurrent fsyncs share
     journal commits. :meth:`finish` waits until every file handed over is fsynced, so each
     is durable before the directory is renamed (the commit protocol of
-    docs/checkpoint-format.md)."""
-
-    WORKERS = 4
+    docs/checkpoint-format.md). The 4 threads are shared by all commits and kept (starting
+    them anew costs milliseconds per commit on a small VM)."""
 
     def __init__(self) -> None:
-        self._fds: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-        self._errors: list[OSError] = []
-        self._threads = [
-            threading.Thread(target=self._run, name="evertrain-checkpoint-fsync", daemon=True)
-            for _ in range(self.WORKERS)
-        ]
-        for t in self._threads:
-            t.start()
-
-    def _run(self) -> None:
-        while (fd := self._fds.get()) is not None:
-            try:
-                os.fsync(fd)
-            except OSError as e:
-                self._errors.append(e)
-            finally:
-                os.close(fd)
+        global _fsync_pool
+        with _fsync_pool_lock:
+            if _fsync_pool is None:
+                _fsync_pool = ThreadPoolExecutor(4, thread_name_prefix="evertrain-fsync")
+            self._pool = _fsync_pool
+        self._pending: list[Future[None]] = []
 
     def submit(self, fd: int) -> None:
         """fsync and close ``fd`` (it now belongs to the syncer)."""
-        self._fds.put(fd)
+        self._pending.append(self._pool.submit(_fsync_close, fd))
 
     def finish(self) -> None:
         """Wait for every submitted fsync; raise the first OSError. Idempotent."""
-        for _ in self._threads:
-            self._fds.put(None)
-        for t in self._threads:
-            t.join()
-        self._threads = []
-        if self._errors:
-            raise self._errors[0]
+        pending, self._pending = self._pending, []
+        errors = [e for f in pending if (e := f.exception()) is not None]
+        if errors:
+            raise errors[0]
 
 
 # Set by commit_checkpoint for its data files; elsewhere (None) every file is fsynced
@@ -258,6 +256,65 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _dump_tree(tree: Any) -> bytes:
+    """``_dump_json(tree, 1)`` for a tree made by :func:`_split` (str keys, JSON scalars,
+    dicts and lists), byte for byte, about twice as fast: with an indent, ``json`` runs its
+    pure-Python generator-based encoder. Same rules as ``json.dumps(indent=1,
+    ensure_ascii=True, allow_nan=True)``: items separated by ``","`` and a newline, one
+    space of indent per level, key separator ``": "``, ``NaN``/``Infinity``/``-Infinity``,
+    ``float.__repr__``; tests/test_async_checkpoint.py compares the two on random trees."""
+    parts: list[str] = []
+    append = parts.append
+
+    def encode(o: Any, level: int) -> None:
+        if isinstance(o, str):
+            append(_encode_str(o))
+        elif o is None:
+            append("null")
+        elif o is True:
+            append("true")
+        elif o is False:
+            append("false")
+        elif isinstance(o, int):
+            append(int.__repr__(o))
+        elif isinstance(o, float):
+            if o != o:
+                append("NaN")
+            elif o in (math.inf, -math.inf):
+                append("Infinity" if o > 0 else "-Infinity")
+            else:
+                append(float.__repr__(o))
+        elif isinstance(o, dict):
+            if not o:
+                append("{}")
+                return
+            newline = "\n" + " " * (level + 1)
+            sep = "{" + newline
+            for k, v in o.items():
+                append(sep)
+                append(_encode_str(k))
+                append(": ")
+                encode(v, level + 1)
+                sep = "," + newline
+            append("\n" + " " * level + "}")
+        elif isinstance(o, list):
+            if not o:
+                append("[]")
+                return
+            newline = "\n" + " " * (level + 1)
+            sep = "[" + newline
+            for v in o:
+                append(sep)
+                encode(v, level + 1)
+                sep = "," + newline
+            append("\n" + " " * level + "]")
+        else:  # _split admits nothing else
+            raise TypeError(f"not a JSON value: {type(o).__name__}")
+
+    encode(tree, 0)
+    return "".join(parts).encode()
 
 
 def _dump_json(obj: Any, indent: int) -> bytes:
@@ -331,7 +388,7 @@ class PreparedOwner:
         """The bytes of ``<owner>.json``, encoded now: for an asynchronous save, on the
         writer thread. (``indent=1`` runs json's pure-Python encoder, the C one serves only
         ``indent=None``: milliseconds per save the training step need not wait for.)"""
-        return _dump_json(self.tree, 1)
+        return _dump_tree(self.tree)
 
     def tensor_parts(self) -> Iterator[Any]:
         """The ``<owner>.safetensors`` file as bytes-like pieces, in order."""

@@ -293,10 +293,12 @@ class CheckpointManager:
         self._finish_in_flight()
 
     def close(self) -> None:
-        """:meth:`wait`, then free the staging buffer (the manager stays usable)."""
+        """:meth:`wait`, then free the staging buffer and end the writer thread (the manager
+        stays usable: a later save starts them again)."""
         try:
             self.wait()
         finally:
+            self._writer.close()
             self._staging.release()
 
     @property

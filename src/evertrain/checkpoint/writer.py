@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -53,55 +53,61 @@ class BackgroundWriter:
     """Runs one job at a time on its own thread and keeps the job's exception until the
     owner collects it with :meth:`take_error`, so no error is lost.
 
-    The thread is not a daemon: an interpreter that exits normally with a job in flight
-    first lets it finish (a checkpoint is completed, not cut off). ``SIGKILL`` ends it like
-    the rest of the process, leaving a ``.tmp`` directory that is never a checkpoint.
+    The thread is created at the first job and kept (starting a thread costs about a
+    millisecond on a small VM, which would count as stall). It belongs to a
+    ``ThreadPoolExecutor``: an interpreter that exits normally with a job in flight first
+    lets it finish (a checkpoint is completed, not cut off). ``SIGKILL`` ends it like the rest
+    of the process, leaving a ``.tmp`` directory that is never a checkpoint.
 
-    Thread-safety: :meth:`submit`, :meth:`wait`, :meth:`done` and :meth:`take_error` must be
-    called from one thread (the owner's); the job runs on the writer thread.
+    Thread-safety: :meth:`submit`, :meth:`wait`, :meth:`done`, :meth:`take_error` and
+    :meth:`close` must be called from one thread (the owner's); the job runs on the writer
+    thread.
     """
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._job: Future[None] | None = None
         self._error: BaseException | None = None
 
     @property
     def busy(self) -> bool:
         """A job was submitted and has not been waited for (it may have finished)."""
-        return self._thread is not None
+        return self._job is not None
 
     def done(self) -> bool:
         """No job, or the job has finished (its error, if any, is ready to take)."""
-        return self._thread is None or not self._thread.is_alive()
+        return self._job is None or self._job.done()
 
     def submit(self, job: Callable[[], None]) -> None:
-        """Start ``job`` on a new thread.
+        """Start ``job`` on the writer thread.
 
         Raises:
             RuntimeError: a job is still in flight (call :meth:`wait` first).
         """
-        if self._thread is not None:
+        if self._job is not None:
             raise RuntimeError(f"{self.name}: a job is in flight; wait() for it first")
-        self._thread = threading.Thread(target=self._run, args=(job,), name=self.name)
-        self._thread.start()
-
-    def _run(self, job: Callable[[], None]) -> None:
-        try:
-            job()
-        except BaseException as e:  # handed to the owner thread by take_error
-            self._error = e
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix=self.name)
+        self._job = self._pool.submit(job)
 
     def wait(self) -> float:
         """Block until the job (if any) has finished; return the seconds waited."""
-        if self._thread is None:
+        if self._job is None:
             return 0.0
         t0 = time.perf_counter()
-        self._thread.join()
-        self._thread = None
+        self._error = self._job.exception()  # waits; BaseException included
+        self._job = None
         return time.perf_counter() - t0
 
     def take_error(self) -> BaseException | None:
         """The finished job's exception (once), or None. Call after :meth:`wait`."""
         error, self._error = self._error, None
         return error
+
+    def close(self) -> None:
+        """:meth:`wait`, then end the writer thread (a later :meth:`submit` starts another)."""
+        self.wait()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from evertrain.fsutil import atomic_write_bytes
 
 _STORED_RE = re.compile(r"(\d{6,})-(.+)")
 REASON_SUFFIX = ".reason.txt"
@@ -123,40 +124,17 @@ def reason_path(rejected_file: Path) -> Path:
     return rejected_file.with_name(rejected_file.name + REASON_SUFFIX)
 
 
-def fsync_dir(path: Path) -> None:
-    """Make renames in ``path`` durable (a crash may otherwise undo them); best effort."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically: a hidden temporary file beside it
-    (``.<name>.<random>.tmp``), fsynced, then renamed over it; readers see the old or the
-    new file, never a torn one. (The same protocol as :mod:`evertrain.data.atomic`, without
-    importing the data pipeline, so ``evertrain status`` starts fast.)
+    """Replace a run-directory file (``status.json``, ``control.json``, a reason file) with
+    ``data`` atomically (:func:`evertrain.fsutil.atomic_write_bytes`).
+
+    The file gets mode 0644 whatever the umask, so ``evertrain status`` and the dashboard can
+    read it from another account. The folder is not fsynced: ``status.json`` is rewritten
+    every few seconds, and a rename lost to a power cut only leaves the previous version
+    (reason files are made durable by the :func:`evertrain.daemon.reconcile.move` that
+    follows them, which fsyncs the same folder).
 
     Raises:
         OSError: the folder is not writable or the disk is full.
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_bytes(path, data, mode=0o644, sync_parent=False)

@@ -536,11 +536,20 @@ class Daemon:
             pool.append([file_id, len(train)])
         return pool
 
-    def _datasets(self, file_id: int) -> tuple[TokenizedDataset, TokenizedDataset]:
+    def _checkpointed_row(self, file_id: int) -> FileRow:
+        """The ledger row of a file the checkpoint names (replay pool, completed files).
+
+        Raises:
+            DaemonError: the ledger has no such file.
+        """
         assert self.ledger is not None
         row = self.ledger.get(file_id)
         if row is None:
             raise DaemonError(f"file {file_id} is in the checkpoint but not in the ledger")
+        return row
+
+    def _datasets(self, file_id: int) -> tuple[TokenizedDataset, TokenizedDataset]:
+        row = self._checkpointed_row(file_id)
         try:
             return self.data.get(file_id, self.layout.abs(row.path), row.content_hash)
         except DataError as e:
@@ -550,10 +559,7 @@ class Daemon:
             ) from None
 
     def _val_dataset(self, file_id: int) -> TokenizedDataset:
-        assert self.ledger is not None
-        row = self.ledger.get(file_id)
-        if row is None:
-            raise DaemonError(f"file {file_id} is in the checkpoint but not in the ledger")
+        row = self._checkpointed_row(file_id)
         try:
             return self.data.get_val(file_id, self.layout.abs(row.path), row.content_hash)
         except DataError as e:
@@ -710,13 +716,8 @@ class Daemon:
         if not self._save_until_committed():
             return
         maybe_crash("filedone", row.id)
-        dest = self.layout.processed / stored_name(row.id, row.name)
         values = {k: v for k, v in stats.items() if k != "id"}
-        self.ledger.update(
-            row.id, status="done", path=self.layout.rel(dest), finished_at=time.time(), **values
-        )
-        maybe_crash("processed", row.id)
-        move(self.layout.abs(row.path), dest)
+        self._settle(row, "done", "processed", **values)
         log.info(
             "file %d (%s) done: %d examples, %d steps (global_step %d -> %d), loss %.4f -> "
             "%.4f, held-out %s -> %s",
@@ -761,38 +762,34 @@ class Daemon:
                 continue
             self._eval(val, file_id, "earlier")
 
-    def _reject(self, row: FileRow, reason: str) -> None:
+    def _settle(self, row: FileRow, status: str, crash_point: str, **values: Any) -> None:
+        """Give ``row`` its final ledger ``status`` (``done``, ``duplicate`` or ``rejected``;
+        ``values``: further ledger columns, ``error`` required for ``rejected``), then move
+        its file to that status's folder (a rejected one with its reason file). The ledger
+        row comes first and already names the destination, so :func:`reconcile` can finish
+        a move that a crash interrupted (``crash_point``: the fault-injection point between
+        the two)."""
         assert self.ledger is not None
-        dest = self.layout.rejected / stored_name(row.id, row.name)
+        dest = self.layout.folder(status) / stored_name(row.id, row.name)
         self.ledger.update(
-            row.id,
-            status="rejected",
-            error=reason,
-            path=self.layout.rel(dest),
-            finished_at=time.time(),
+            row.id, status=status, path=self.layout.rel(dest), finished_at=time.time(), **values
         )
-        maybe_crash("reject", row.id)
-        write_reason(dest, row.name, reason)
+        maybe_crash(crash_point, row.id)
+        if status == "rejected":
+            write_reason(dest, row.name, values["error"])
         move(self.layout.abs(row.path), dest)
+
+    def _reject(self, row: FileRow, reason: str) -> None:
+        self._settle(row, "rejected", "reject", error=reason)
         log.warning("REJECTED %s (file %d): %s", row.name, row.id, reason)
         self._emit("rejected", {"id": row.id, "name": row.name, "reason": reason})
 
     def _duplicate(self, row: FileRow, original: FileRow) -> None:
-        assert self.ledger is not None
-        dest = self.layout.processed / stored_name(row.id, row.name)
         note = (
             f"identical to file {original.id} ({original.name}), already trained; not "
             "trained again (set watch.retrain_duplicates: true to train duplicates)"
         )
-        self.ledger.update(
-            row.id,
-            status="duplicate",
-            error=note,
-            path=self.layout.rel(dest),
-            finished_at=time.time(),
-        )
-        maybe_crash("processed", row.id)
-        move(self.layout.abs(row.path), dest)
+        self._settle(row, "duplicate", "processed", error=note)
         log.info("file %d (%s): %s", row.id, row.name, note)
         self._emit("duplicate", {"id": row.id, "name": row.name, "original": original.id})
 

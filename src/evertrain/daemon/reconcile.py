@@ -42,13 +42,13 @@ from evertrain.daemon.layout import (
     REASON_SUFFIX,
     RunLayout,
     atomic_write,
-    fsync_dir,
     parse_stored_name,
     reason_path,
     stored_name,
 )
 from evertrain.daemon.ledger import PENDING, FileRow, Ledger
 from evertrain.daemon.stream import StreamState
+from evertrain.fsutil import fsync_dir
 
 log = logging.getLogger("evertrain.daemon")
 

@@ -21,12 +21,10 @@ mode refuses them (:mod:`evertrain.daemon.settings`).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from evertrain.config import ScheduleConfig
-from evertrain.schedule import LRScheduler
+from evertrain.schedule import LRScheduler, lr_factor
 
 STREAM_SCHEDULES = ("constant", "inverse_sqrt", "wsd")
 
@@ -65,13 +63,8 @@ def stream_lr_factor(cfg: ScheduleConfig, step: int, window: tuple[int, int] | N
     Raises:
         ValueError: wsd without ``window``, or another schedule.
     """
-    w, m = cfg.warmup_steps, cfg.min_lr_ratio
-    if step < w:
-        return (step + 1) / w
-    if cfg.name == "constant":
-        return 1.0
-    if cfg.name == "inverse_sqrt":
-        return math.sqrt(max(w, 1) / (step + 1))
+    if step < cfg.warmup_steps or cfg.name in ("constant", "inverse_sqrt"):
+        return lr_factor(cfg, step, None)  # neither needs a total length
     if cfg.name != "wsd":
         raise ValueError(f"schedule {cfg.name!r} is not usable on an open-ended stream")
     if window is None:
@@ -79,7 +72,7 @@ def stream_lr_factor(cfg: ScheduleConfig, step: int, window: tuple[int, int] | N
     start, end = window
     n = max(end - start, 1)
     decay = min(cfg.decay_steps if cfg.decay_steps is not None else max(1, n // 10), n)
-    decay_start = end - decay
-    if step < decay_start:
-        return 1.0
-    return max(m, 1 - (1 - m) * (step - decay_start) / max(decay, 1))
+    # The engine's wsd with the file's last step as the total and this file's decay length.
+    # Same as a per-file formula for every step < end (end > step >= warmup_steps, so the
+    # engine's floor of the total at warmup_steps + 1 never applies).
+    return lr_factor(cfg.model_copy(update={"decay_steps": decay}), step, end)

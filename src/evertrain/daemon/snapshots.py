@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from evertrain.config import RunConfig
-from evertrain.daemon.layout import RunLayout, fsync_dir
+from evertrain.daemon.layout import RunLayout
 from evertrain.daemon.ledger import Ledger, SnapshotRow
+from evertrain.fsutil import fsync_dir, staged_dir
 from evertrain.models import merge_and_save, save_peft_adapter
-from evertrain.models.atomic import staged_dir
 
 log = logging.getLogger("evertrain.daemon")
 

@@ -3,18 +3,19 @@
 Format (docs/run-directory.md): ``{"paused": bool, "snapshot_requested": unix time | null,
 "updated": unix time}``. The daemon reads it between optimizer steps; the web process never
 signals the daemon, so a dashboard on another user's account or host can only ask.
-The file is replaced atomically (write ``.control.json.<pid>.tmp``, fsync, rename) so the
-daemon never reads half a record.
+The file is replaced atomically (:func:`evertrain.fsutil.atomic_write_bytes`: hidden
+temporary file, fsync, rename) so the daemon never reads half a record.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from evertrain.fsutil import atomic_write_bytes
 
 CONTROL_FILE = "control.json"
 _lock = threading.Lock()  # read-modify-write of one process's requests
@@ -63,14 +64,10 @@ def update_control(run_dir: Path, **changes: Any) -> dict[str, Any]:
         record = read_control(run_dir)
         record.update(changes)
         record["updated"] = time.time()
-        tmp = run_dir / f".{CONTROL_FILE}.{os.getpid()}.tmp"
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(record, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, run_dir / CONTROL_FILE)
+            atomic_write_bytes(
+                run_dir / CONTROL_FILE, json.dumps(record).encode("utf-8"), sync_parent=False
+            )
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise ControlError(f"{run_dir / CONTROL_FILE}: cannot write ({e})") from e
     return record

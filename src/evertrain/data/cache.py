@@ -19,7 +19,7 @@ import safetensors.torch
 import torch
 import xxhash
 
-from evertrain.data.atomic import atomic_write_bytes
+from evertrain.fsutil import atomic_write_bytes
 
 log = logging.getLogger("evertrain.data")
 CACHE_VERSION = 1

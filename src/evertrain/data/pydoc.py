@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from evertrain.data.atomic import atomic_write_bytes
+from evertrain.fsutil import atomic_write_bytes
 
 MAX_RECORD_CHARS = 4000
 

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from evertrain.models.atomic import make_tmp_dir, tmp_prefix
+from evertrain.fsutil import make_tmp_dir, tmp_prefix
 from evertrain.models.identity import hash_file
 
 MANIFEST = "evertrain_cache.json"

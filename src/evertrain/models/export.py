@@ -1,6 +1,6 @@
 """Export a trained model: a PEFT adapter directory, or a merged full model directory.
 
-Both are written atomically (:func:`evertrain.models.atomic.staged_dir`) and load offline
+Both are written atomically (:func:`evertrain.fsutil.staged_dir`) and load offline
 with the standard libraries, no evertrain needed:
 ``PeftModel.from_pretrained(base, adapter_dir)`` and
 ``AutoModelForCausalLM.from_pretrained(model_dir)`` / ``AutoTokenizer.from_pretrained``.
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from evertrain.models.atomic import staged_dir
+from evertrain.fsutil import staged_dir
 from evertrain.models.offline import ensure_offline
 from evertrain.models.trainable import is_peft_model, unwrap
 
