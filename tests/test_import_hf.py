@@ -150,10 +150,11 @@ def test_import_round_trip_and_training_continues(hf_run: Any, tmp_path: Path) -
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in lines if x["kind"] == "train")
 
 
+# The refusals and the CLI path do not depend on the weights' kind: run them on LoRA only.
+@pytest.mark.parametrize("hf_run", ["lora"], indirect=True)
 def test_refusals_leave_nothing_behind(hf_run: Any, tmp_path: Path) -> None:
     _, ckpt, cfg, _, lora = hf_run
-    if not lora:
-        pytest.skip("the refusals do not depend on the weights' kind")
+    assert lora
     bad = tmp_path / "bad"
     shutil.copytree(ckpt, bad)
     run = tmp_path / "run"
@@ -186,10 +187,10 @@ def test_refusals_leave_nothing_behind(hf_run: Any, tmp_path: Path) -> None:
         import_hf_checkpoint(bad, run, cfg)
 
 
+@pytest.mark.parametrize("hf_run", ["lora"], indirect=True)
 def test_cli_never_opens_training_args(hf_run: Any, tmp_path: Path) -> None:
     _, ckpt, _, config_path, lora = hf_run
-    if not lora:
-        pytest.skip("one CLI run is enough")
+    assert lora
     planted = tmp_path / "ckpt"
     shutil.copytree(ckpt, planted)
     marker = tmp_path / "pwned"
