@@ -96,60 +96,71 @@ class LoadedCheckpoint:
 # --------------------------------------------------------------------------- writing
 
 
-def _split(owner: str, node: Any, path: list[str], tensors: dict[str, torch.Tensor]) -> Any:
-    """JSON tree of ``node`` with tensors moved into ``tensors`` (key = path joined by "/").
+_SCALARS = frozenset((bool, int, float, str))
+
+
+def _split(owner: str, node: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON tree of ``node`` with tensors moved into ``tensors`` under their ``key``: the
+    path from the owner's top level joined by "/" (``""`` at the top level).
 
     The tree is rebuilt (new dicts and lists), so later changes to ``node``'s containers do
-    not reach it; tensors are not copied (non-contiguous ones are made contiguous).
+    not reach it; tensors are not copied (non-contiguous ones are made contiguous). Called
+    once per node of every state at every save: kept lean (a LoRA optimizer has ~1000).
     """
-    where = "/".join(path) or "(top level)"
+    if node is None or type(node) in _SCALARS:
+        return node
     if isinstance(node, torch.Tensor):
-        key = "/".join(path)
         if key in tensors:  # a dict key containing "/" would silently overwrite a tensor
             raise CheckpointError(
                 f"{owner}: two tensors map to key {key!r}; a dict key contains '/', rename it"
             )
         t = node.detach()
-        if (
-            type(t) is not torch.Tensor
-            or t.device.type not in ("cpu", "cuda")
-            or t.layout != torch.strided
-        ):
+        if type(t) is not torch.Tensor or not (t.is_cpu or t.is_cuda) or t.is_sparse:
             raise CheckpointError(
-                f"{owner}: tensor at {where} is a {type(t).__name__} on {t.device} with "
-                f"layout {t.layout}; state dicts hold dense CPU (or CUDA) torch.Tensor only "
-                f"(move it with .cpu(), gather DTensors, densify sparse tensors)"
+                f"{owner}: tensor at {key or '(top level)'} is a {type(t).__name__} on "
+                f"{t.device} with layout {t.layout}; state dicts hold dense CPU (or CUDA) "
+                f"torch.Tensor only (move it with .cpu(), gather DTensors, densify sparse tensors)"
+            )
+        if t.layout != torch.strided:
+            raise CheckpointError(
+                f"{owner}: tensor at {key or '(top level)'} has layout {t.layout}; state dicts "
+                f"hold dense tensors only (densify it)"
             )
         if t.dtype not in DTYPES:
             raise CheckpointError(
-                f"{owner}: tensor at {where} has dtype {t.dtype}, which format v1 cannot store "
-                f"and read back; supported: {_DTYPE_NAMES}"
+                f"{owner}: tensor at {key or '(top level)'} has dtype {t.dtype}, which format "
+                f"v1 cannot store and read back; supported: {_DTYPE_NAMES}"
             )
+        if t.is_conj() or t.is_neg():
+            t = t.resolve_conj().resolve_neg()
         # Tensors sharing memory (tied weights, views) need no copy: each one's bytes are
         # written separately.
-        tensors[key] = t.resolve_conj().resolve_neg().contiguous()
+        tensors[key] = t if t.is_contiguous() else t.contiguous()
         return {TENSOR_REF: key}
+    prefix = f"{key}/" if key else ""
     if isinstance(node, dict):
         out = {}
         for k, v in node.items():
-            if not isinstance(k, str):
+            if type(k) is not str and not isinstance(k, str):
                 raise CheckpointError(
-                    f"{owner}: key {k!r} at {where} is a {type(k).__name__}; "
+                    f"{owner}: key {k!r} at {key or '(top level)'} is a {type(k).__name__}; "
                     f"JSON keys must be str (convert, e.g. str(k))"
                 )
             if k == TENSOR_REF:
                 raise CheckpointError(
-                    f"{owner}: key {TENSOR_REF!r} at {where} is reserved for tensor references"
+                    f"{owner}: key {TENSOR_REF!r} at {key or '(top level)'} is reserved for "
+                    f"tensor references"
                 )
-            out[k] = _split(owner, v, [*path, k], tensors)
+            out[k] = _split(owner, v, prefix + k, tensors)
         return out
     if isinstance(node, list):
-        return [_split(owner, v, [*path, str(i)], tensors) for i, v in enumerate(node)]
-    if node is None or isinstance(node, (bool, int, float, str)):
+        return [_split(owner, v, f"{prefix}{i}", tensors) for i, v in enumerate(node)]
+    if isinstance(node, (bool, int, float, str)):
         return node
     raise CheckpointError(
-        f"{owner}: value at {where} has type {type(node).__name__}; state dicts hold only "
-        f"dicts, lists, JSON scalars and CPU tensors (tuples do not survive JSON: use lists)"
+        f"{owner}: value at {key or '(top level)'} has type {type(node).__name__}; state "
+        f"dicts hold only dicts, lists, JSON scalars and CPU tensors (tuples do not survive "
+        f"JSON: use lists)"
     )
 
 
@@ -468,13 +479,13 @@ def prepare_checkpoint(
                 f"owner name {owner!r} is invalid: use [a-z0-9_]+ (it becomes a file name)"
             )
     summary_tensors: dict[str, torch.Tensor] = {}
-    summary_copy = _split("summary", dict(summary), [], summary_tensors)
+    summary_copy = _split("summary", dict(summary), "", summary_tensors)
     if summary_tensors:
         raise CheckpointError(f"summary holds tensors at {sorted(summary_tensors)}; JSON only")
     owners = []
     for owner, state in states.items():
         tensors: dict[str, torch.Tensor] = {}
-        tree = _split(owner, state, [], tensors)
+        tree = _split(owner, state, "", tensors)
         try:
             laid = stream.layout(tensors) if tensors else None
         except stream.LayoutError as e:

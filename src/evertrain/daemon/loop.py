@@ -47,6 +47,7 @@ from evertrain.daemon.intake import InboxScanner, InboxWatcher
 from evertrain.daemon.layout import RunLayout, reason_path, stored_name
 from evertrain.daemon.ledger import FileRow, Ledger
 from evertrain.daemon.lock import RunLock
+from evertrain.daemon.ranks import Follower, RankLink, env_rank, file_ref
 from evertrain.daemon.reconcile import hash_file, move, reconcile, write_reason
 from evertrain.daemon.replay import ReplaySampler
 from evertrain.daemon.schedule import StreamScheduler
@@ -120,6 +121,7 @@ class Daemon:
         self.ledger: Ledger | None = None
         self.scanner: InboxScanner | None = None
         self.watcher: InboxWatcher | None = None
+        self.link = RankLink(None)  # replaced once the trainer has joined the process group
 
     # ------------------------------------------------------------------ public
 
@@ -141,7 +143,15 @@ class Daemon:
             DaemonError, evertrain.daemon.reconcile.ReconcileError: the run cannot be
                 continued safely.
             evertrain.trainer.ResumeError, evertrain.state.StateError: see the trainer.
+
+        Under torchrun only rank 0 runs the daemon; the other ranks follow it
+        (:mod:`evertrain.daemon.ranks`).
         """
+        if env_rank() != 0:
+            follower = Follower(
+                self.layout.root, self.cfg, allow_config_change=self.allow_config_change
+            )
+            return follower.run()
         self.layout.create()
         lock = RunLock(self.layout.lock)
         lock.acquire()
@@ -155,7 +165,9 @@ class Daemon:
             with self._signals():
                 self._start()
                 self._loop()
-                return self._shutdown()
+                code = self._shutdown()
+                self.link.send("stop")
+                return code
         finally:
             if getattr(self, "status", None) is not None:
                 self.status.stop_heartbeat()
@@ -224,6 +236,7 @@ class Daemon:
             extra_owners={"stream": self.stream},
         )
         self.trainer = trainer
+        self.link = RankLink(trainer.dist)
         # The open-ended schedule replaces the trainer's (same checkpointed definition; the
         # trainer already reported any change of it while resuming).
         sched = StreamScheduler(trainer.optimizer, self.cfg.train.schedule, self.cfg.train.lr)
@@ -461,8 +474,9 @@ class Daemon:
                 replay_rows=replay_rows(self.cfg),
                 replay_pool=pool,
                 epochs=self.w.epochs_per_file,
-                grad_accum_steps=self.cfg.train.grad_accum_steps,
+                grad_accum_steps=self.trainer.grad_accum_steps,
                 global_step=p.global_step,
+                world_size=self.trainer.world_size,
             )
         except DataError as e:
             self._reject(row, str(e).replace(str(path), row.name))
@@ -479,7 +493,12 @@ class Daemon:
             global_step_start=p.global_step,
             val_loss_before=val_before,
         )
-        cursor = DataCursor(plan.seed, len(train), plan.rows_per_micro, train.fingerprint)
+        cursor = DataCursor(
+            plan.seed,
+            len(train),
+            plan.rows_per_micro * self.trainer.world_size,
+            train.fingerprint,
+        )
         self.stream.begin(plan, cursor)
         log.info(
             "file %d (%s): %d training rows (%d held out), %d epoch(s) = %d optimizer steps "
@@ -511,7 +530,12 @@ class Daemon:
                 f"cannot resume file {row.id} ({row.name}): its training rows differ from "
                 "those the checkpoint was trained on (tokenizer or data settings changed?)"
             )
-        cursor = DataCursor(plan.seed, len(train), plan.rows_per_micro, train.fingerprint)
+        cursor = DataCursor(
+            plan.seed,
+            len(train),
+            plan.rows_per_micro * self.trainer.world_size,
+            train.fingerprint,
+        )
         self.stream.attach(cursor)
         log.info(
             "file %d (%s): resuming at step %d of %d (epoch %d, row %d of the epoch)",
@@ -547,6 +571,11 @@ class Daemon:
         if row is None:
             raise DaemonError(f"file {file_id} is in the checkpoint but not in the ledger")
         return row
+
+    def _file_ref(self, file_id: int) -> dict[str, Any]:
+        """How the other ranks find file ``file_id`` (:func:`evertrain.daemon.ranks.file_ref`)."""
+        row = self._checkpointed_row(file_id)
+        return file_ref(file_id, self.layout.abs(row.path), row.content_hash)
 
     def _datasets(self, file_id: int) -> tuple[TokenizedDataset, TokenizedDataset]:
         row = self._checkpointed_row(file_id)
@@ -586,13 +615,22 @@ class Daemon:
             replay = ReplaySampler(self.cfg.seed, pool, plan.replay_rows)
         self._set_state("training")
         self._emit("file_start", {"id": row.id, "name": row.name, "plan": plan})
+        self.link.send(
+            "file",
+            file=self._file_ref(row.id),
+            plan=plan.to_json(),
+            cursor=cursor.state_dict(),
+            pool=[self._file_ref(file_id) for file_id, _ in plan.replay_pool],
+        )
         batches = file_batches(
             plan,
             cursor,
             train,
-            grad_accum_steps=self.cfg.train.grad_accum_steps,
+            grad_accum_steps=tr.grad_accum_steps,
             num_workers=self.cfg.data.num_workers,
             replay=replay,
+            rank=tr.rank,
+            world_size=tr.world_size,
         )
         every = self.cfg.train.eval_every_steps
         try:
@@ -600,8 +638,11 @@ class Daemon:
                 self._hold_while_paused()
                 if self.stop_reason is not None:
                     return
-                n = min(self.cfg.train.grad_accum_steps, plan.micro_total - plan.micro_done)
+                n = min(tr.grad_accum_steps, plan.micro_total - plan.micro_done)
+                self.link.send("step", n=n, epoch=cursor.epoch)
                 stats = tr.train_step(batches, epoch=cursor.epoch, micro_batches=n)
+                if self.link.any_stop(self.stop_reason is not None) and self.stop_reason is None:
+                    self.request_stop("a stop on another rank")
                 plan.steps_done += 1
                 if plan.loss_start is None:
                     plan.loss_start = stats.loss
@@ -620,6 +661,9 @@ class Daemon:
                 self._tick()
         finally:
             batches.close()
+        # not in the finally: after an error here the other ranks may be inside a
+        # collective, and torchrun takes the group down when this rank exits
+        self.link.send("end")
         self._finish_file(row, plan, val)
 
     def _hold_while_paused(self) -> None:
@@ -639,6 +683,7 @@ class Daemon:
             self._save_pending = self._save() is None
 
     def _save(self) -> Path | None:
+        self.link.send("save")
         path: Path | None = self.trainer.save()
         if path is None:
             self.warning = (
@@ -739,6 +784,7 @@ class Daemon:
     def _eval(self, val: TokenizedDataset, file_id: int, scope: str) -> float | None:
         if len(val) == 0:
             return None
+        self.link.send("eval", file=self._file_ref(file_id))
         result = self.trainer.evaluate(val)
         self.trainer.metrics.write(
             {

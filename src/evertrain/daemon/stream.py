@@ -106,20 +106,26 @@ def plan_file(
     epochs: int,
     grad_accum_steps: int,
     global_step: int,
+    world_size: int = 1,
 ) -> FilePlan:
     """The plan of a file about to start (replay is off when ``replay_pool`` is empty).
 
+    With ``world_size`` ranks (torchrun) a micro-batch is global: ``rows_per_micro`` rows
+    of the file on each rank, ``micro_total`` counts global micro-batches.
+
     Raises:
-        FileTooSmallError: fewer training rows than the file's share of one micro-batch.
+        FileTooSmallError: fewer training rows than the file's share of one (global)
+            micro-batch.
     """
     r = replay_rows if replay_pool else 0
     per_micro = micro_batch_size - r
-    if len(train) < per_micro:
+    if len(train) < per_micro * world_size:
         raise FileTooSmallError(
             f"{len(train)} training row(s), fewer than one micro-batch ({per_micro} rows of "
-            f"this file); add data to the file, or lower train.micro_batch_size"
+            f"this file x {world_size} process(es)); add data to the file, or lower "
+            "train.micro_batch_size"
         )
-    micro_total = epochs * (len(train) // per_micro)
+    micro_total = epochs * (len(train) // (per_micro * world_size))
     return FilePlan(
         id=file_id,
         name=name,
@@ -223,31 +229,41 @@ def file_batches(
     grad_accum_steps: int,
     num_workers: int,
     replay: ReplaySampler | None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Generator[dict[str, torch.Tensor], None, None]:
     """Micro-batches of the current file from the cursor's position, each extended by its
     replay rows. The cursor and ``plan``'s counters advance as each micro-batch is handed
     out (not as the loader prefetches), so a checkpoint between optimizer steps records
     exactly what was trained. Yields ``{"input_ids", "labels", "attention_mask"}``, each
-    ``long [micro_batch_size, seq_len]``. Stops after the file's last micro-batch."""
+    ``long [micro_batch_size, seq_len]``. Stops after the file's last micro-batch.
+
+    Under torchrun (``world_size`` > 1) this rank gets its ``rows_per_micro`` rows of each
+    global micro-batch (the cursor's ``global_batch_size`` is ``rows_per_micro x
+    world_size``); ``plan.examples`` counts global rows, ``plan.tokens`` this rank's
+    tokens; replay rows are drawn per rank (draw index ``micro x world_size + rank``, which
+    is ``micro`` with one process)."""
     loader = make_loader(
         train,
         cursor,
         micro_batch_size=plan.rows_per_micro,
         num_workers=num_workers,
         seed=plan.seed,
+        rank=rank,
+        world_size=world_size,
     )
     try:
         for batch in loader:
             if plan.micro_done >= plan.micro_total:
                 return
-            cursor.advance()
+            cursor.advance(plan.rows_per_micro * world_size)
             step = plan.global_step_start + plan.micro_done // grad_accum_steps
             micro = plan.micro_done % grad_accum_steps
             plan.micro_done += 1
-            plan.examples += int(batch["input_ids"].shape[0])
+            plan.examples += int(batch["input_ids"].shape[0]) * world_size
             plan.tokens += int(batch["attention_mask"].sum())
             if replay is not None:
-                batch = replay.extend(batch, step, micro)
+                batch = replay.extend(batch, step, micro * world_size + rank)
             yield batch
     finally:
         loader.close()

@@ -1,0 +1,207 @@
+"""The watch daemon under torchrun: rank 0 decides, the other ranks follow in lockstep.
+
+Only rank 0 runs :class:`~evertrain.daemon.loop.Daemon`'s loop: it holds ``daemon.lock``
+and alone does intake, the ledger, reconciliation, validation, status, snapshots and
+control requests. Every collective it is about to enter (an optimizer step, an
+evaluation, a checkpoint) is first announced to the other ranks as one JSON command
+(:meth:`evertrain.distributed.Group.broadcast_json`, never pickled), which a
+:class:`Follower` executes with its own share of the data:
+
+``{"op": "file", "file": REF, "plan": FilePlan, "cursor": DataCursor state, "pool": [REF]}``
+    start (or resume) training a file: build its datasets and this rank's micro-batches
+    (:func:`~evertrain.daemon.stream.file_batches` with ``rank``/``world_size``);
+``{"op": "step", "n": N, "epoch": E}``
+    one optimizer step of ``N`` micro-batches (``Trainer.train_step``), followed on every
+    rank by ``Group.any(stop requested here)`` so a signal that reached any rank stops all
+    of them after the same step;
+``{"op": "end"}`` the file's micro-batches are done (the loader is closed);
+``{"op": "eval", "file": REF}`` ``Trainer.evaluate`` on that file's held-out split;
+``{"op": "save"}`` ``Trainer.save`` (every rank writes its part, rank 0 commits);
+``{"op": "stop"}`` the daemon stopped: the follower returns.
+
+``REF`` is ``{"id", "path", "hash"}`` of a file in the run directory (absolute path, the
+ledger's content hash), so a follower builds exactly the rows rank 0 trains on. Pause,
+stop, the ``every_seconds`` timer and the choice of file are therefore decided once, on
+rank 0; a follower never decides anything, so the ranks cannot disagree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evertrain.config import RunConfig
+from evertrain.daemon.filedata import FileData
+from evertrain.daemon.replay import ReplaySampler
+from evertrain.daemon.schedule import StreamScheduler
+from evertrain.daemon.stream import FilePlan, StreamState, file_batches
+from evertrain.data import DataCursor
+
+log = logging.getLogger("evertrain.daemon")
+
+
+def env_rank() -> int:
+    """This process's global rank under torchrun (``RANK``), 0 without it."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+class RankLink:
+    """Rank 0's side of the protocol (see the module docstring); with one process every
+    method is a no-op that touches no process group, so a single daemon is unchanged.
+
+    Args:
+        group: the trainer's :class:`~evertrain.distributed.Group` (None before the
+            trainer exists: inactive).
+    """
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+
+    @property
+    def active(self) -> bool:
+        return self.group is not None and bool(self.group.distributed)
+
+    def send(self, op: str, **args: Any) -> None:
+        """Announce command ``op`` (JSON-able ``args``) to the other ranks."""
+        if self.active:
+            self.group.broadcast_json({"op": op, **args})
+
+    def any_stop(self, requested: bool) -> bool:
+        """True if a stop was requested on any rank (called after every ``step``)."""
+        return bool(self.group.any(requested)) if self.active else requested
+
+
+def file_ref(file_id: int, path: Path, content_hash: str | None) -> dict[str, Any]:
+    """The ``REF`` of a file for a command (see the module docstring)."""
+    return {"id": file_id, "path": str(path), "hash": content_hash}
+
+
+class Follower:
+    """A rank > 0 of ``evertrain watch`` under torchrun: executes rank 0's commands.
+
+    Args:
+        run_dir: the run directory (rank 0 creates and owns it).
+        cfg: the run config (as given to the daemon).
+        allow_config_change: passed to the trainer.
+
+    Raises (from :meth:`run`):
+        RuntimeError: an unknown command or a step before any file (a protocol bug).
+        evertrain.data.DataError: a file's bytes differ from its recorded hash.
+        evertrain.trainer.ResumeError, evertrain.state.StateError: see the trainer.
+    """
+
+    def __init__(
+        self, run_dir: str | Path, cfg: RunConfig, *, allow_config_change: bool = False
+    ) -> None:
+        self.run_dir, self.cfg = Path(run_dir), cfg
+        self.allow_config_change = allow_config_change
+        self.stop_requested = False
+
+    def run(self) -> int:
+        """Follow rank 0 until it sends ``stop``. Returns 0."""
+        from evertrain.trainer import Trainer
+
+        with self._signals():
+            tr = Trainer(
+                self.cfg,
+                self.run_dir,
+                allow_config_change=self.allow_config_change,
+                build_data=False,
+                extra_owners={"stream": StreamState()},
+            )
+            try:
+                # the same open-ended schedule as rank 0's (the learning rate of each step)
+                sched = StreamScheduler(tr.optimizer, self.cfg.train.schedule, self.cfg.train.lr)
+                sched.loaded_definition = tr.scheduler.loaded_definition
+                tr.scheduler = sched
+                tr.owners["scheduler"] = sched
+                self._follow(tr, sched)
+            finally:
+                tr.close()
+        return 0
+
+    def _follow(self, tr: Any, sched: StreamScheduler) -> None:
+        data = FileData(self.cfg, tr.tokenizer, capacity=max(8, self.cfg.watch.eval_earlier_files))
+        batches: Generator[dict[str, torch.Tensor], None, None] | None = None
+        try:
+            while True:
+                cmd = tr.dist.broadcast_json(None)
+                op = cmd["op"]
+                if op == "file":
+                    if batches is not None:
+                        batches.close()
+                    batches = self._file_batches(tr, sched, data, cmd)
+                elif op == "step":
+                    if batches is None:
+                        raise RuntimeError("watch follower: a step before any file")
+                    tr.train_step(batches, epoch=int(cmd["epoch"]), micro_batches=int(cmd["n"]))
+                    tr.dist.any(self.stop_requested)
+                elif op == "end":
+                    if batches is not None:
+                        batches.close()
+                    batches = None
+                elif op == "eval":
+                    ref = cmd["file"]
+                    tr.evaluate(data.get_val(int(ref["id"]), Path(ref["path"]), ref["hash"]))
+                elif op == "save":
+                    tr.save()
+                elif op == "stop":
+                    return
+                else:
+                    raise RuntimeError(f"watch follower: unknown command {op!r} from rank 0")
+        finally:
+            if batches is not None:
+                batches.close()
+
+    def _file_batches(
+        self, tr: Any, sched: StreamScheduler, data: FileData, cmd: dict[str, Any]
+    ) -> Generator[dict[str, torch.Tensor], None, None]:
+        ref = cmd["file"]
+        train, _ = data.get(int(ref["id"]), Path(ref["path"]), ref["hash"])
+        plan = FilePlan.from_json(cmd["plan"])
+        sched.window = (plan.global_step_start, plan.global_step_end)
+        cursor = DataCursor(
+            plan.seed, len(train), plan.rows_per_micro * tr.world_size, train.fingerprint
+        )
+        cursor.load_state_dict(cmd["cursor"])
+        replay = None
+        if plan.replay_rows:
+            pool = [data.get(int(r["id"]), Path(r["path"]), r["hash"])[0] for r in cmd["pool"]]
+            replay = ReplaySampler(self.cfg.seed, pool, plan.replay_rows)
+        return file_batches(
+            plan,
+            cursor,
+            train,
+            grad_accum_steps=tr.grad_accum_steps,
+            num_workers=self.cfg.data.num_workers,
+            replay=replay,
+            rank=tr.rank,
+            world_size=tr.world_size,
+        )
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        # torchrun forwards SIGTERM/SIGINT to every rank: a follower that died at once would
+        # take the group down before rank 0's final checkpoint; it finishes the step in
+        # flight, tells rank 0 (Group.any after the step) and follows it to the end.
+        old: dict[signal.Signals, Any] = {}
+
+        def handle(signum: int, frame: Any) -> None:
+            self.stop_requested = True
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                old[sig] = signal.signal(sig, handle)
+        try:
+            yield
+        finally:
+            for sig, h in old.items():
+                signal.signal(sig, h)
