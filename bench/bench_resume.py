@@ -1,7 +1,8 @@
 """Benchmark 4: resume time to the first training step at data positions 0, 10^4 and 10^6.
 
-Both sides train the built-in tiny model (random-init Llama, byte-level tokenizer) on the
-same 1.075M rows of 8 tokens (86k random-letter documents, packed), micro-batch 8.
+Both sides train the built-in tiny model (random-init Llama, byte-level tokenizer; one torch
+thread) on the same 1.075M rows of 8 tokens (86k random-letter documents, packed),
+micro-batch 8, in the same process.
 
 - evertrain: a run directory whose checkpoint sits at position P (cursor offset and
   examples_seen = P, global_step = P / 8); resume = ``Trainer(cfg, run_dir)`` (verify and
@@ -51,7 +52,7 @@ def config(work: Path, data: Path) -> Any:
     return load_config(
         {
             "seed": 1,
-            "model": {"source": "tiny"},
+            "model": {"source": "tiny", "num_threads": 1},
             "data": {
                 "files": [str(data)],
                 "seq_len": SEQ,
@@ -180,6 +181,7 @@ def main() -> None:
     )
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
+    torch.set_num_threads(1)  # both sides; see bench_throughput.py for why
     work = workdir("resume")
     data = make_data(work)
     cfg = config(work, data)

@@ -17,7 +17,7 @@ Throughput = steps 2..N over the time from the end of step 1 to the end of step 
 window holds the checkpoints at 50, 100, ... below N and no start-up cost). Ratios are taken
 pairwise within each repeat.
 
-Usage: ``python bench/bench_throughput.py [--repeats 5] [--steps 400] [--with-sync]``
+Usage: ``python bench/bench_throughput.py [--repeats 9] [--steps 300] [--with-sync]``
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--every", type=int, default=50)
     p.add_argument("--with-sync", action="store_true")
     a = p.parse_args()

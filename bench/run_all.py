@@ -129,7 +129,7 @@ def main() -> None:
         run(
             "bench_throughput.py",
             "--repeats",
-            "1" if a.quick else "5",
+            "1" if a.quick else "9",
             *(["--steps", "100"] if a.quick else []),
         )
         print(f"\nall benchmarks: {time.perf_counter() - t0:.0f} s")
