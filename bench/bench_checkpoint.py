@@ -45,8 +45,8 @@ from common import (
     raw_write,
     rotated,
     smollm2_model,
-    tensor_bytes,
     state_buffers,
+    tensor_bytes,
     touched_buffer,
     workdir,
     write_json,
@@ -240,7 +240,8 @@ def bench_load(repeats: int) -> dict[str, Any]:
             for m in ops
         ]
         print_table(
-            f"2. load, {cache} page cache ({repeats} runs; ratio = time / evertrain time, pairwise)",
+            f"2. load, {cache} page cache ({repeats} runs; "
+            "ratio = time / evertrain time, pairwise)",
             ["method", "seconds", "GB/s", "x evertrain time"],
             rows,
         )
@@ -330,8 +331,8 @@ def bench_stall(repeats: int) -> dict[str, Any]:
         for m in times
     ]
     print_table(
-        f"3. stall per checkpoint, full fine-tuning ({state_bytes / GB:.2f} GB of tensors, {repeats} runs; "
-        "ratio = async stall / method time, pairwise)",
+        f"3. stall per checkpoint, full fine-tuning ({state_bytes / GB:.2f} GB of tensors, "
+        f"{repeats} runs; ratio = async stall / method time, pairwise)",
         ["method", "seconds", "GB/s", "async / this"],
         rows,
     )
@@ -397,7 +398,8 @@ def bench_hash(repeats: int, nbytes: int = 1 << 30) -> dict[str, Any]:
         for m, v in times.items()
     ]
     print_table(
-        f"6. hash vs disk, {nbytes / GB:.2f} GB ({repeats} runs; ratio = time / hash time, pairwise)",
+        f"6. hash vs disk, {nbytes / GB:.2f} GB ({repeats} runs; "
+        "ratio = time / hash time, pairwise)",
         ["operation", "seconds", "GB/s", "x hash time"],
         rows,
     )

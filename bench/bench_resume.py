@@ -224,7 +224,8 @@ def main() -> None:
             times[("hf_trainer", pos)], times[("evertrain", pos)]
         )
     print_table(
-        f"4. resume to the first step ({a.repeats} runs; ratio = time / same framework at position 0, pairwise)",
+        f"4. resume to the first step ({a.repeats} runs; "
+        "ratio = time / same framework at position 0, pairwise)",
         ["framework", "position (examples)", "seconds", "x position 0"],
         rows_out,
     )

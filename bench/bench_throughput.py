@@ -128,8 +128,8 @@ def main() -> None:
             rate[m].append(steps / seconds)
     rows = [[m, median(r), pairwise(r, rate["plain"])] for m, r in rate.items()]
     print_table(
-        f"5. training throughput, checkpoint every {a.every} steps ({a.repeats} runs of {a.steps} steps; "
-        "ratio = steps/s / plain loop's, pairwise)",
+        f"5. training throughput, checkpoint every {a.every} steps "
+        f"({a.repeats} runs of {a.steps} steps; ratio = steps/s / plain loop's, pairwise)",
         ["loop", "steps/s", "x plain"],
         rows,
     )
@@ -137,7 +137,8 @@ def main() -> None:
     write_s = median([s["write_s"] for s in ckpt_stats])
     ckpt_bytes = median([s["bytes"] for s in ckpt_stats])
     print(
-        f"  async checkpoints: {ckpt_bytes / 1e6:.1f} MB, stall {stall * 1e3:.1f} ms, background write {write_s * 1e3:.1f} ms"
+        f"  async checkpoints: {ckpt_bytes / 1e6:.1f} MB, stall {stall * 1e3:.1f} ms, "
+        f"background write {write_s * 1e3:.1f} ms"
     )
     ratios = {m: pairwise(rate[m], rate["plain"]) for m in rate if m != "plain"}
     ratios["async_vs_nockpt"] = pairwise(rate["evertrain_async"], rate["evertrain_nockpt"])

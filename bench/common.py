@@ -311,7 +311,10 @@ def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
     for j, r in enumerate(cells):
         print(
             "  "
-            + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            + "  ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
         )
         if j == 0:
             print("  " + "  ".join("-" * w for w in widths))

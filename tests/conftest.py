@@ -30,7 +30,7 @@ def write_config(tmp: Path, data_file: Path | None = None, **sections: Any) -> P
     section by section, written to ``tmp/config.yaml``."""
     cfg: dict[str, Any] = {
         "seed": 1234,
-        "model": {"source": "tiny", "dropout": 0.1},
+        "model": {"source": "tiny", "dropout": 0.1, "num_threads": 1},
         "data": {
             "files": [str(data_file or small_data(tmp / "train.jsonl"))],
             "seq_len": 64,
