@@ -47,6 +47,7 @@ from evertrain.optim import OptimizerState, build_optimizer
 from evertrain.progress import Progress
 from evertrain.rng import RNGState, seed_everything
 from evertrain.schedule import LRScheduler
+from evertrain.signals import on_stop_signals
 
 log = logging.getLogger("evertrain")
 
@@ -98,20 +99,17 @@ class _StopFlag:
 
     def __init__(self) -> None:
         self.requested: str | None = None
-        self._old: dict[int, Any] = {}
+        self._guard = on_stop_signals(self._handle)
 
     def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(ValueError):  # not the main thread: no handlers
-                self._old[sig] = signal.signal(sig, self._handle)
+        self._guard.__enter__()
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = signal.Signals(signum).name
 
     def __exit__(self, *exc: object) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+        self._guard.__exit__(None, None, None)
 
 
 class Trainer:

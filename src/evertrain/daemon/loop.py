@@ -63,6 +63,7 @@ from evertrain.daemon.stream import (
 )
 from evertrain.data import DataCursor, DataError, TokenizedDataset, validate_file
 from evertrain.faults import maybe_crash
+from evertrain.signals import on_stop_signals
 
 log = logging.getLogger("evertrain.daemon")
 
@@ -185,8 +186,6 @@ class Daemon:
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
-        old: dict[signal.Signals, Any] = {}
-
         def handle(signum: int, frame: Any) -> None:
             name = signal.Signals(signum).name
             if self.stop_reason is not None:
@@ -200,14 +199,8 @@ class Daemon:
             log.warning("%s received: stopping after the current optimizer step", name)
             self.request_stop(name)
 
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                old[sig] = signal.signal(sig, handle)
-        try:
+        with on_stop_signals(handle):
             yield
-        finally:
-            for sig, h in old.items():
-                signal.signal(sig, h)
 
     def _start(self) -> None:
         from evertrain.trainer import Trainer

@@ -30,8 +30,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
-import threading
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,7 @@ from evertrain.daemon.replay import ReplaySampler
 from evertrain.daemon.schedule import StreamScheduler
 from evertrain.daemon.stream import FilePlan, StreamState, file_batches
 from evertrain.data import DataCursor
+from evertrain.signals import on_stop_signals
 
 log = logging.getLogger("evertrain.daemon")
 
@@ -192,16 +191,9 @@ class Follower:
         # torchrun forwards SIGTERM/SIGINT to every rank: a follower that died at once would
         # take the group down before rank 0's final checkpoint; it finishes the step in
         # flight, tells rank 0 (Group.any after the step) and follows it to the end.
-        old: dict[signal.Signals, Any] = {}
 
         def handle(signum: int, frame: Any) -> None:
             self.stop_requested = True
 
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                old[sig] = signal.signal(sig, handle)
-        try:
+        with on_stop_signals(handle):
             yield
-        finally:
-            for sig, h in old.items():
-                signal.signal(sig, h)
