@@ -260,6 +260,21 @@ def _write_file(path: Path, data: bytes) -> dict[str, Any]:
     return _write_parts(path, [data])
 
 
+def write_owner_files(tmp: Path, prepared: Any, global_step: int) -> dict[str, Any]:
+    """Write every owner's ``.json`` (and ``.safetensors``) of ``prepared`` into ``tmp``;
+    return the manifest entries. Fault point ``save@global_step`` fires after the first
+    file, so crash tests hit a half-written checkpoint on every rank alike."""
+    files: dict[str, Any] = {}
+    for owner in prepared.owners:
+        files[f"{owner.name}.json"] = _write_file(tmp / f"{owner.name}.json", owner.json_bytes)
+        if len(files) == 1:
+            faults.maybe_crash("save", global_step)
+        if owner.tensors is not None:
+            name = f"{owner.name}.safetensors"
+            files[name] = _write_parts(tmp / name, owner.tensor_parts())
+    return files
+
+
 def fsync_dir(path: Path) -> None:
     # Without this, a power loss can forget the rename or the new directory entries.
     fd = os.open(path, os.O_RDONLY)
@@ -522,13 +537,7 @@ def commit_checkpoint(
         tmp.mkdir(parents=True)
         if peers is not None:
             peers.start(tmp)
-        for owner in prepared.owners:
-            files[f"{owner.name}.json"] = _write_file(tmp / f"{owner.name}.json", owner.json_bytes)
-            if len(files) == 1:
-                faults.maybe_crash("save", global_step)
-            if owner.tensors is not None:
-                name = f"{owner.name}.safetensors"
-                files[name] = _write_parts(tmp / name, owner.tensor_parts())
+        files.update(write_owner_files(tmp, prepared, global_step))
         if peers is not None:
             files.update(peers.finish(tmp, dict(files)))
         manifest = {

@@ -38,7 +38,6 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from evertrain import faults
 from evertrain.checkpoint.errors import (
     CheckpointError,
     CheckpointWriteError,
@@ -48,11 +47,10 @@ from evertrain.checkpoint.errors import (
 from evertrain.checkpoint.format import (
     MANIFEST,
     STEP_DIR_RE,
-    _write_file,
-    _write_parts,
     prepare_checkpoint,
     step_dir_name,
     verify_checkpoint,
+    write_owner_files,
 )
 from evertrain.checkpoint.manager import CheckpointInfo, CheckpointManager
 
@@ -242,15 +240,7 @@ def _write_peer_part(
             "on a file system every node shares?"
         )
     prepared = prepare_checkpoint(states, {}, global_step=global_step)
-    files: dict[str, Any] = {}
-    for owner in prepared.owners:
-        files[f"{owner.name}.json"] = _write_file(tmp / f"{owner.name}.json", owner.json_bytes)
-        if len(files) == 1:
-            faults.maybe_crash("save", global_step)
-        if owner.tensors is not None:
-            name = f"{owner.name}.safetensors"
-            files[name] = _write_parts(tmp / name, owner.tensor_parts())
-    return files
+    return write_owner_files(tmp, prepared, global_step)
 
 
 def save_ranked(
