@@ -18,7 +18,7 @@ from evertrain.data.loader import DataIterator, make_loader
 from evertrain.data.pack import IGNORE_INDEX, pack, pad_rows
 from evertrain.data.records import Record, iter_records, read_bytes
 from evertrain.data.report import DataReport, FileReport, SplitReport
-from evertrain.data.split import is_validation
+from evertrain.data.split import is_validation, split_by_hash
 
 __all__ = [
     "IGNORE_INDEX",
@@ -42,6 +42,7 @@ __all__ = [
     "pad_rows",
     "read_bytes",
     "read_documents",
+    "split_by_hash",
     "tokenizer_identity",
     "validate_file",
     "validate_record",

@@ -1,0 +1,492 @@
+"""The public face of the engine for a user's own training loop: :class:`Checkpointer`.
+
+It owns the run directory (``RUN/checkpoints/step-N`` in format v1, ``RUN/metrics.jsonl``),
+the state owners (model, optimizer, LR scheduler, data, extras, RNG, progress), the stored
+config and its drift check, the save and retention policies, async saving and the stop
+signals. A loop that calls :meth:`Checkpointer.resume` once and :meth:`Checkpointer.step`
+after every optimizer step resumes bit-identically after a ``kill -9`` at any moment.
+
+Thread-safety: call every method from the training thread. Process-safety: one
+Checkpointer per run directory per rank; under torchrun every rank builds one (after
+``torch.distributed.init_process_group``) and calls :meth:`~Checkpointer.resume` and
+:meth:`~Checkpointer.step` in lockstep (they run collectives).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import signal
+import sys
+import time
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evertrain import __version__
+from evertrain.checkpoint import (
+    CheckpointManager,
+    InsufficientDiskSpaceError,
+    KeepLast,
+    RetentionPolicy,
+    SavePolicy,
+)
+from evertrain.checkpoint.ranks import choose_checkpoint, rank_owner, save_ranked, saved_world_size
+from evertrain.config import diff_configs
+from evertrain.config_json import config_to_json
+from evertrain.distributed import Group, NullMetricsLog
+from evertrain.metrics import MetricsLog
+from evertrain.owners import ModuleState, ObjectState, optimizer_state
+from evertrain.progress import Progress
+from evertrain.rng import RNGState
+from evertrain.signals import on_stop_signals
+from evertrain.state import StateError
+
+log = logging.getLogger("evertrain")
+
+# Owners every rank saves for itself: RNG streams and data positions differ between ranks.
+PER_RANK = ("data", "rng")
+RESERVED = frozenset(
+    {"model", "optimizer", "scheduler", "data", "rng", "progress", "config", "versions"}
+)
+
+
+class ResumeError(RuntimeError):
+    """A run directory cannot be resumed as asked (the message says why and what to do)."""
+
+
+def versions() -> dict[str, Any]:
+    """Library versions that affect bit-exactness, stored in every checkpoint
+    (``transformers`` only when the process has imported it)."""
+    import numpy
+    import safetensors
+
+    out: dict[str, Any] = {
+        "version": 1,
+        "evertrain": __version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
+    if "transformers" in sys.modules:
+        out["transformers"] = sys.modules["transformers"].__version__
+    return out
+
+
+def current_group() -> Group:
+    """This process's place in the run, from the default process group if the caller
+    initialised one, else a single process.
+
+    Raises:
+        ResumeError: torchrun started several processes but no process group exists yet.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        backend = str(dist.get_backend())
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if backend == "nccl"
+            else torch.device("cpu")
+        )
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return Group(dist.get_world_size(), dist.get_rank(), local, device, backend)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ResumeError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']}: call torch.distributed."
+            f"init_process_group() before building the Checkpointer"
+        )
+    return Group()
+
+
+def check_loader_rng(data: Any) -> None:
+    """Refuse a ``torch.utils.data.DataLoader`` (``StatefulDataLoader`` included) that would
+    make a resumed run differ from an uninterrupted one.
+
+    Each ``iter()`` of a DataLoader draws a seed from its ``generator``, or from the global
+    torch RNG when it has none; a resumed run calls ``iter()`` at another point of the RNG
+    stream than the uninterrupted run did, so dropout masks would differ after a resume.
+    A shuffling sampler sharing the loader's generator is refused for the same reason
+    (the restored shuffle state and the seed draws interleave differently).
+
+    Raises:
+        TypeError: ``generator=`` missing, or shared with the sampler; the message says
+            what to pass.
+    """
+    if not isinstance(data, torch.utils.data.DataLoader):
+        return
+    if data.generator is None:
+        raise TypeError(
+            "data: the DataLoader has no generator=, so every iter() draws from the global "
+            "torch RNG and a resumed run would get other dropout masks; pass "
+            "generator=torch.Generator()"
+        )
+    if getattr(data.sampler, "generator", None) is data.generator:
+        raise TypeError(
+            "data: the DataLoader's sampler shares its generator; give the sampler its own, "
+            "e.g. sampler=torchdata.stateful_dataloader.sampler.RandomSampler(ds, "
+            "generator=torch.Generator().manual_seed(seed)), generator=torch.Generator()"
+        )
+
+
+class Checkpointer:
+    """Exact, pickle-free checkpoints for any training loop.
+
+    Args:
+        run_dir: the run directory (created); checkpoints go to ``run_dir/checkpoints``,
+            ``step()`` metrics to ``run_dir/metrics.jsonl``.
+        model: any ``nn.Module``, plain or wrapped in DDP and/or ``torch.compile``; every
+            parameter and persistent buffer is saved under the unwrapped names.
+        optimizer: any torch optimizer over ``model``'s parameters (moments are stored by
+            parameter name; needs ``model``).
+        scheduler: any object with ``state_dict()``/``load_state_dict()``, e.g. a
+            ``torch.optim.lr_scheduler.LRScheduler`` (``LambdaLR`` included: its lambdas
+            are code, not state, and are not saved).
+        data: the data position, e.g. a ``torchdata.stateful_dataloader.StatefulDataLoader``
+            (pass it a ``generator=`` so it never draws from the global RNG). Saved per rank.
+        extra: more owners by name (``[a-z0-9_]+``, not a reserved name); rank 0's state is
+            saved.
+        config: a dict, dataclass, OmegaConf config or pydantic model; stored as JSON and
+            compared on resume.
+        allow_config_change: ``True`` to resume whatever changed in ``config``, or the
+            dotted keys (and their sub-keys) that may change; any other change is refused.
+        every_steps / every_seconds: save after every N optimizer steps (on multiples of
+            N) and/or when N seconds have passed since the last save.
+        keep_last: committed checkpoints to keep (ignored when ``keep`` is given).
+        keep: a retention policy (:class:`~evertrain.checkpoint.KeepLast`, ``KeepBest``,
+            ``KeepEvery``, combined with ``|``).
+        async_save: copy the state to host memory at a save and write it in a background
+            thread (one process only; several processes save synchronously).
+        min_free_bytes: bytes that must stay free after a save; a save that would go below
+            is skipped (warned) and retried after each following step.
+
+    Raises:
+        TypeError: an owner without ``state_dict``/``load_state_dict``, an optimizer without
+            a model, a bad or reserved ``extra`` name.
+        evertrain.config_json.ConfigTypeError: ``config`` holds a value JSON cannot store.
+        ResumeError: several torchrun processes but no process group.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        data: Any = None,
+        extra: Mapping[str, Any] | None = None,
+        config: Any = None,
+        allow_config_change: bool | Collection[str] = False,
+        every_steps: int | None = None,
+        every_seconds: float | None = None,
+        keep_last: int = 3,
+        keep: RetentionPolicy | None = None,
+        async_save: bool = False,
+        min_free_bytes: int = 0,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.owners: dict[str, Any] = {}
+        if model is not None:
+            if not isinstance(model, torch.nn.Module):
+                raise TypeError(f"model: a {type(model).__name__} is not a torch.nn.Module")
+            self.owners["model"] = ModuleState(model)
+        if optimizer is not None:
+            self.owners["optimizer"] = optimizer_state(optimizer, model)
+        if scheduler is not None:
+            self.owners["scheduler"] = ObjectState(scheduler, "scheduler")
+        if data is not None:
+            check_loader_rng(data)
+            self.owners["data"] = ObjectState(data, "data")
+        for name, obj in (extra or {}).items():
+            if name in RESERVED or not isinstance(name, str) or not name.isidentifier():
+                raise TypeError(
+                    f"extra: name {name!r} is reserved or not a lower-case identifier; "
+                    f"use another name ([a-z0-9_]+, not one of {sorted(RESERVED)})"
+                )
+            if name != name.lower():
+                raise TypeError(f"extra: name {name!r} must be lower case ([a-z0-9_]+)")
+            self.owners[name] = ObjectState(obj, name)
+        self.progress = Progress()
+        self.owners["progress"] = self.progress
+        self.owners["rng"] = RNGState()  # restored last: nothing may draw after it
+        self.config = None if config is None else config_to_json(config)
+        self.allow_config_change = allow_config_change
+        self.group = current_group()
+        self.async_save = async_save
+        self.save_policy = SavePolicy(every_steps, every_seconds)
+        self.manager = CheckpointManager(
+            self.run_dir / "checkpoints",
+            keep or KeepLast(keep_last),
+            log=log.warning,
+            min_free_bytes=min_free_bytes,
+        )
+        self.metrics: MetricsLog | None = None
+        self.should_stop = False
+        self.stop_reason: str | None = None
+        self.last_checkpoint: Path | None = None
+        self._signal: str | None = None
+        self._resumed_from: int | None = None
+        self._last_metrics: dict[str, Any] = {}
+        self._save_pending = False
+        self._closed = False
+
+    # ------------------------------------------------------------------ resume
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps completed (restored by :meth:`resume`, set by :meth:`step`)."""
+        return self.progress.global_step
+
+    def resume(self) -> int:
+        """Restore every owner from the newest checkpoint that verifies; return its global_step
+        (0 for a run directory without checkpoints, where nothing is changed).
+
+        Order: the config is checked first (nothing is restored on a refused change), then
+        model, optimizer, scheduler, data, extras, progress, and the Python, NumPy, torch CPU
+        and CUDA RNG states last. Under torchrun every rank gets its own RNG and data state
+        back. ``metrics.jsonl`` is cut back to the checkpoint's step, so replayed steps are
+        logged once. Collective under torchrun.
+
+        Raises:
+            ResumeError: checkpoint directories exist but none verifies (each problem was
+                warned with the file and what is wrong), the stored config differs in keys
+                not allowed to change, or the world size differs from the checkpoint's.
+            evertrain.state.StateError: a checkpoint that does not fit an owner (another
+                model, optimizer class, scheduler class, parameter shapes).
+        """
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.metrics is None:
+            path = self.run_dir / "metrics.jsonl"
+            self.metrics = MetricsLog(path) if self.group.rank == 0 else NullMetricsLog()
+        root = self.run_dir / "checkpoints"
+        info = choose_checkpoint(root, self.group, log.warning)
+        if info is None:
+            if any(root.glob("step-*")):
+                raise ResumeError(
+                    f"{self.run_dir}: has checkpoint directories but none verifies (see the "
+                    f"warnings above); run `evertrain verify {self.run_dir}`, or use a new run "
+                    f"directory"
+                )
+            self.metrics.rewind(0)
+            self._resumed_from = 0
+            self.save_policy.mark_saved(0, time.monotonic())
+            return 0
+        states = self.manager.load(info).states
+        self._check_config(states.get("config", {}).get("config"), info.path)
+        self._check_world_size(states, info.path)
+        self._warn_versions(states.get("versions", {}))
+        for name, owner in self.owners.items():
+            key = rank_owner(name, self.group.rank) if name in PER_RANK else name
+            if key not in states:
+                raise StateError(
+                    f"{name}: {info.path} holds no state for it (it was written without "
+                    f"{name}=); pass the same owners as the run that wrote it"
+                )
+            owner.load_state_dict(states[key])
+        self.metrics.rewind(int(info.summary.get("metrics_offset", 0)))
+        self._last_metrics = dict(info.summary.get("metrics", {}))
+        self._resumed_from = self.progress.global_step
+        self.last_checkpoint = info.path
+        self.save_policy.mark_saved(self.progress.global_step, time.monotonic())
+        log.info("resumed from %s (global_step %d)", info.path, self.progress.global_step)
+        return self.progress.global_step
+
+    def _check_config(self, stored: Any, path: Path) -> None:
+        if self.config is None or stored is None:
+            return
+        diffs = diff_configs(stored, self.config)
+        allow = self.allow_config_change
+        if allow is True:
+            refused = []
+        else:
+            keys = () if allow is False else tuple(allow)
+            refused = [
+                d for d in diffs if not any(d[0] == k or d[0].startswith(k + ".") for k in keys)
+            ]
+        for key, old, new in diffs:
+            log.warning("config changed since %s: %s: %r -> %r", path.name, key, old, new)
+        if refused:
+            shown = ", ".join(f"{k} ({old!r} -> {new!r})" for k, old, new in refused[:5])
+            raise ResumeError(
+                f"{path}: config differs from the checkpoint's: {shown}; restore those values, "
+                f"or pass allow_config_change=[...their keys] (True for any)"
+            )
+
+    def _check_world_size(self, states: Mapping[str, Any], path: Path) -> None:
+        saved = saved_world_size(states)
+        if saved != self.group.world_size:
+            raise ResumeError(
+                f"{path}: written by {saved} process(es), this run has "
+                f"{self.group.world_size}; a user loop's data and RNG state are per rank and "
+                f"cannot be resharded: resume with torchrun --nproc-per-node {saved}"
+            )
+
+    @staticmethod
+    def _warn_versions(stored: Mapping[str, Any]) -> None:
+        now = versions()
+        differ = {
+            k: (stored.get(k), now.get(k))
+            for k in set(stored) | set(now)
+            if k not in ("evertrain", "transformers") and stored.get(k) != now.get(k)
+        }
+        if differ:
+            log.warning(
+                "library versions differ from the checkpoint's (%s): the resumed run may not "
+                "be bit-identical",
+                ", ".join(f"{k} {a} -> {b}" for k, (a, b) in sorted(differ.items())),
+            )
+
+    # ------------------------------------------------------------------ the loop's side
+
+    @contextmanager
+    def stop_on_signals(self) -> Iterator[Checkpointer]:
+        """Inside the block, SIGTERM/SIGINT only set a flag: the next :meth:`step` saves a
+        checkpoint and sets :attr:`should_stop`, so the loop leaves after the step in
+        flight. The previous handlers come back on exit (main thread only; elsewhere
+        nothing is installed)."""
+
+        def handle(signum: int, frame: Any) -> None:
+            self._signal = signal.Signals(signum).name
+
+        with on_stop_signals(handle):
+            yield self
+
+    def step(
+        self, global_step: int, metrics: Mapping[str, Any] | None = None, *, save: bool = False
+    ) -> Path | None:
+        """Record that optimizer step ``global_step`` is done; save when the policy says so
+        (or ``save`` is true, e.g. at the last step).
+
+        Call after ``optimizer.step()`` (and the scheduler's step), never mid-accumulation:
+        a checkpoint holds exactly the state between two optimizer steps. ``metrics`` (JSON
+        values: a loss in nats, an LR, ...) are written to ``metrics.jsonl`` as
+        ``{"kind": "train", "global_step": N, **metrics}`` by rank 0 and kept in the
+        checkpoint's summary (``KeepBest`` reads them). A stop signal (see
+        :meth:`stop_on_signals`) on any rank saves on every rank and sets
+        :attr:`should_stop`. Collective under torchrun.
+
+        Returns:
+            The checkpoint directory saved now (with ``async_save`` committed in the
+            background), else None.
+
+        Raises:
+            RuntimeError: :meth:`resume` was not called first, or ``global_step`` does not
+                increase.
+            CheckpointError: an owner's state holds a value that is neither JSON nor a
+                tensor (the message names the owner and key path); or the previous
+                background save failed.
+        """
+        if self._resumed_from is None or self.metrics is None:
+            raise RuntimeError("call Checkpointer.resume() once before the first step()")
+        if global_step <= self.progress.global_step:
+            raise RuntimeError(
+                f"step({global_step}) after step {self.progress.global_step}: global_step must "
+                f"increase"
+            )
+        self.manager.check()
+        self.progress.global_step = global_step
+        if metrics:
+            self._last_metrics = dict(metrics)
+            self.metrics.write({"kind": "train", "global_step": global_step, **metrics})
+        due = self.save_policy.should_save(global_step, time.monotonic())
+        sig = signal.Signals[self._signal].value if self._signal else 0
+        # one collective for both decisions: a timer or a signal on one rank only would
+        # otherwise leave the other ranks waiting in the save's collectives
+        sig, due_any = self.group.max_ints([sig, int(due or save or self._save_pending)])
+        saved = None
+        if sig or due_any:
+            saved = self.save()
+        if sig:
+            self.should_stop, self.stop_reason = True, signal.Signals(sig).name
+        return saved
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        """Append ``record`` (JSON values, e.g. ``{"kind": "eval", "global_step": N,
+        "val_loss": x}``) to ``metrics.jsonl`` (rank 0); rewound with the checkpoints."""
+        if self.metrics is None:
+            raise RuntimeError("call Checkpointer.resume() before log()")
+        self.metrics.write(dict(record))
+
+    def save(self) -> Path | None:
+        """Commit a checkpoint of every owner at the current global_step now.
+
+        Returns:
+            The checkpoint directory, or None when skipped for disk space (warned; retried
+            after the next step).
+
+        Raises:
+            CheckpointError: a state value that is neither JSON nor a tensor, named by owner
+                and key path (nothing is written); CheckpointWriteError on an OS error.
+        """
+        if self.metrics is None:
+            raise RuntimeError("call Checkpointer.resume() before save()")
+        self.metrics.sync()
+        rank, step = self.group.rank, self.progress.global_step
+        states = {
+            name: owner.state_dict()
+            for name, owner in self.owners.items()
+            if rank == 0 or name in PER_RANK
+        }
+        if self.config is not None:
+            states["config"] = {"version": 1, "config": self.config}
+        states["versions"] = versions()
+        summary = {
+            "global_step": step,
+            "metrics": self._last_metrics,
+            "time": time.time(),
+            "metrics_offset": self.metrics.offset(),
+        }
+        protect = [self._resumed_from] if self._resumed_from else []
+        try:
+            if self.group.world_size > 1:
+                path = save_ranked(
+                    self.manager,
+                    self.group,
+                    step,
+                    states,
+                    summary,
+                    per_rank_owners=[n for n in PER_RANK if n in self.owners],
+                    protect=protect,
+                    async_requested=self.async_save,
+                )
+            elif self.async_save:
+                path = self.manager.save_async(step, states, summary, protect=protect)
+            else:
+                path = self.manager.save(step, states, summary, protect=protect)
+        except InsufficientDiskSpaceError as e:
+            log.warning("CHECKPOINT SKIPPED at global_step %d: %s; will retry", step, e)
+            self._save_pending = True
+            return None
+        self._save_pending = False
+        self.save_policy.mark_saved(step, time.monotonic())
+        self.last_checkpoint = path
+        for stats in self.manager.take_stats():
+            self.metrics.write(stats.as_metrics())
+        return path
+
+    def wait(self) -> None:
+        """Block until a background save is committed; raise its error if it failed."""
+        self.manager.wait()
+
+    def close(self) -> None:
+        """Wait for a background save (raising its error), then close the files. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.manager.close()
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

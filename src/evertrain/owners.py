@@ -1,0 +1,182 @@
+"""State owners for objects a user brings: any ``nn.Module``, torch optimizer, LR scheduler,
+and anything with ``state_dict()``/``load_state_dict()`` (a torchdata ``StatefulDataLoader``,
+a loss tracker).
+
+Each wraps its object in the owner contract of :mod:`evertrain.state` (a versioned state
+dict whose leaves are JSON values or CPU tensors), so :class:`evertrain.Checkpointer` can
+store it pickle-free. Names never depend on wrappers: weights and optimizer moments are
+keyed by the fully qualified parameter names that torch's own
+``torch.distributed.checkpoint.state_dict.get_model_state_dict`` reports, which strips
+``DistributedDataParallel``'s ``module.`` and ``torch.compile``'s ``_orig_mod.`` (so a
+checkpoint of a compiled DDP model loads into a plain one and back).
+
+Thread-safety: none; call between optimizer steps, from the training thread.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
+
+from evertrain.optim import OptimizerState
+from evertrain.state import StateError, check_version
+
+
+def is_stateful(obj: Any) -> bool:
+    """Whether ``obj`` has callable ``state_dict`` and ``load_state_dict`` methods."""
+    return callable(getattr(obj, "state_dict", None)) and callable(
+        getattr(obj, "load_state_dict", None)
+    )
+
+
+def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # full_state_dict/cpu_offload stay off: a plain or DDP model's state is already whole on
+    # every rank, and these are views of the live parameters (no copy per save).
+    return cast(dict[str, torch.Tensor], get_model_state_dict(model, options=StateDictOptions()))
+
+
+def named_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Parameter name (as stored in checkpoints) -> the live parameter.
+
+    A tied weight (one parameter under two names) maps from its first name only.
+    """
+    by_storage: dict[tuple[int, tuple[int, ...]], torch.nn.Parameter] = {}
+    for p in model.parameters():
+        by_storage.setdefault((p.data_ptr(), tuple(p.shape)), p)
+    out: dict[str, torch.nn.Parameter] = {}
+    taken: set[int] = set()
+    for name, t in _model_tensors(model).items():
+        hit = by_storage.get((t.data_ptr(), tuple(t.shape)))
+        if hit is not None and id(hit) not in taken:
+            out[name] = hit
+            taken.add(id(hit))
+    return out
+
+
+class ModuleState:
+    """Owner of every parameter and persistent buffer of a user's ``nn.Module``.
+
+    State: ``{"version": 1, "weights": {name: tensor}}``, names as in the unwrapped
+    module's ``state_dict()`` (a tied weight is stored under each of its names). Loading
+    copies in place, so parameters keep their identity and an optimizer built on them
+    stays valid.
+
+    Args:
+        model: the model, plain or wrapped in ``DistributedDataParallel`` and/or
+            ``torch.compile`` (any nesting).
+        name: the owner's name in error messages.
+    """
+
+    VERSION = 1
+
+    def __init__(self, model: torch.nn.Module, name: str = "model") -> None:
+        self.model, self.name = model, name
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.VERSION,
+            "weights": {n: t.detach().cpu() for n, t in _model_tensors(self.model).items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Copy the saved weights into the model.
+
+        Raises:
+            StateError: names missing or unexpected (up to 5 of each), or a shape or dtype
+                differing from the model's (no silent cast: it would break exactness). The
+                model is unchanged when this is raised.
+        """
+        check_version(state, self.name, self.VERSION)
+        saved: dict[str, Any] = state["weights"]
+        target = _model_tensors(self.model)
+        missing, unexpected = sorted(set(target) - set(saved)), sorted(set(saved) - set(target))
+        if missing or unexpected:
+            raise StateError(
+                f"{self.name}: the checkpoint's weights do not fit this model: missing "
+                f"{missing[:5]}{' …' if len(missing) > 5 else ''}, unexpected "
+                f"{unexpected[:5]}{' …' if len(unexpected) > 5 else ''}; resume with the model "
+                f"that wrote it, or use a new run directory"
+            )
+        for n, dst in target.items():
+            src = saved[n]
+            if src.shape != dst.shape or src.dtype != dst.dtype:
+                raise StateError(
+                    f"{self.name}: {n} is {src.dtype}{list(src.shape)} in the checkpoint but "
+                    f"{dst.dtype}{list(dst.shape)} in the model; resume with the model that "
+                    f"wrote it, or use a new run directory"
+                )
+        set_model_state_dict(self.model, dict(saved), options=StateDictOptions(strict=True))
+
+
+def optimizer_state(
+    optimizer: torch.optim.Optimizer, model: torch.nn.Module | None, name: str = "optimizer"
+) -> OptimizerState:
+    """The owner of ``optimizer``'s state, keyed by ``model``'s parameter names.
+
+    Raises:
+        TypeError: no model was given (moments are stored by parameter name), or the
+            optimizer holds a parameter that is not one of the model's.
+    """
+    if model is None:
+        raise TypeError(
+            f"{name}: pass model= too: optimizer state is stored by parameter name, so that a "
+            f"changed model is refused on resume instead of getting the wrong moments"
+        )
+    try:
+        return OptimizerState(optimizer, named_parameters(model))
+    except ValueError:
+        raise TypeError(
+            f"{name}: the optimizer holds a parameter that is not in model=; build it from "
+            f"model.parameters()"
+        ) from None
+
+
+class ObjectState:
+    """Owner wrapping any object with ``state_dict()``/``load_state_dict()``.
+
+    State: ``{"version": 1, "class": <qualified class name>, "state": obj.state_dict()}``.
+    The wrapped state must be JSON values and tensors only (checked when a checkpoint is
+    written, with the owner and key path in the error).
+
+    Args:
+        obj: the object (an LR scheduler, a ``StatefulDataLoader``, a tracker, ...).
+        name: the owner's name in checkpoints and error messages.
+    """
+
+    VERSION = 1
+
+    def __init__(self, obj: Any, name: str) -> None:
+        if not is_stateful(obj):
+            raise TypeError(
+                f"{name}: a {type(obj).__name__} has no state_dict()/load_state_dict(); pass an "
+                f"object that has both (wrap plain values in a small class)"
+            )
+        self.obj, self.name = obj, name
+
+    @property
+    def class_name(self) -> str:
+        cls = type(self.obj)
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": self.VERSION, "class": self.class_name, "state": self.obj.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Hand the saved state to the object.
+
+        Raises:
+            StateError: the checkpoint's object was of another class.
+        """
+        check_version(state, self.name, self.VERSION)
+        if state["class"] != self.class_name:
+            raise StateError(
+                f"{self.name}: the checkpoint holds the state of a {state['class']}, this run "
+                f"passes a {self.class_name}; pass the same class, or use a new run directory"
+            )
+        self.obj.load_state_dict(state["state"])
