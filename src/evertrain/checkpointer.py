@@ -20,7 +20,7 @@ import platform
 import signal
 import sys
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ import torch
 
 from evertrain import __version__
 from evertrain.checkpoint import (
+    CheckpointInfo,
     CheckpointManager,
     InsufficientDiskSpaceError,
     KeepLast,
@@ -40,7 +41,13 @@ from evertrain.config import diff_configs
 from evertrain.config_json import config_to_json
 from evertrain.distributed import Group, NullMetricsLog
 from evertrain.metrics import MetricsLog
-from evertrain.owners import ModuleState, ObjectState, optimizer_state
+from evertrain.owners import (
+    ModuleState,
+    ObjectState,
+    check_loader_rng,
+    is_stateful,
+    optimizer_state,
+)
 from evertrain.progress import Progress
 from evertrain.rng import RNGState
 from evertrain.signals import on_stop_signals
@@ -104,36 +111,6 @@ def current_group() -> Group:
     return Group()
 
 
-def check_loader_rng(data: Any) -> None:
-    """Refuse a ``torch.utils.data.DataLoader`` (``StatefulDataLoader`` included) that would
-    make a resumed run differ from an uninterrupted one.
-
-    Each ``iter()`` of a DataLoader draws a seed from its ``generator``, or from the global
-    torch RNG when it has none; a resumed run calls ``iter()`` at another point of the RNG
-    stream than the uninterrupted run did, so dropout masks would differ after a resume.
-    A shuffling sampler sharing the loader's generator is refused for the same reason
-    (the restored shuffle state and the seed draws interleave differently).
-
-    Raises:
-        TypeError: ``generator=`` missing, or shared with the sampler; the message says
-            what to pass.
-    """
-    if not isinstance(data, torch.utils.data.DataLoader):
-        return
-    if data.generator is None:
-        raise TypeError(
-            "data: the DataLoader has no generator=, so every iter() draws from the global "
-            "torch RNG and a resumed run would get other dropout masks; pass "
-            "generator=torch.Generator()"
-        )
-    if getattr(data.sampler, "generator", None) is data.generator:
-        raise TypeError(
-            "data: the DataLoader's sampler shares its generator; give the sampler its own, "
-            "e.g. sampler=torchdata.stateful_dataloader.sampler.RandomSampler(ds, "
-            "generator=torch.Generator().manual_seed(seed)), generator=torch.Generator()"
-        )
-
-
 class Checkpointer:
     """Exact, pickle-free checkpoints for any training loop.
 
@@ -153,8 +130,9 @@ class Checkpointer:
             saved.
         config: a dict, dataclass, OmegaConf config or pydantic model; stored as JSON and
             compared on resume.
-        allow_config_change: ``True`` to resume whatever changed in ``config``, or the
-            dotted keys (and their sub-keys) that may change; any other change is refused.
+        allow_config_change: ``True`` to resume whatever changed in ``config``, the dotted
+            keys (and their sub-keys) that may change, or a predicate on a dotted key; any
+            other change is refused.
         every_steps / every_seconds: save after every N optimizer steps (on multiples of
             N) and/or when N seconds have passed since the last save.
         keep_last: committed checkpoints to keep (ignored when ``keep`` is given).
@@ -164,6 +142,16 @@ class Checkpointer:
             thread (one process only; several processes save synchronously).
         min_free_bytes: bytes that must stay free after a save; a save that would go below
             is skipped (warned) and retried after each following step.
+        owners: owners used as they are (each with ``state_dict()``/``load_state_dict()``
+            returning a versioned state of JSON values and tensors), saved under their names
+            before ``progress`` and ``rng``; how :class:`evertrain.Trainer` passes its own.
+        progress: the counters owner (default a new :class:`~evertrain.progress.Progress`).
+        per_rank: owners every rank saves for itself (``<name>_rank<R>`` for rank R > 0).
+        rank_state: ``(owner, states) -> state`` for a per-rank owner the checkpoint lacks
+            for this rank: when given, a resume on another number of processes is allowed
+            (owners of ranks that no longer exist are dropped); when None it is refused.
+        summary: called at each save; its JSON fields are added to the manifest summary
+            (a ``"metrics"`` field replaces the last ``step()`` metrics there).
 
     Raises:
         TypeError: an owner without ``state_dict``/``load_state_dict``, an optimizer without
@@ -182,13 +170,18 @@ class Checkpointer:
         data: Any = None,
         extra: Mapping[str, Any] | None = None,
         config: Any = None,
-        allow_config_change: bool | Collection[str] = False,
+        allow_config_change: bool | Collection[str] | Callable[[str], bool] = False,
         every_steps: int | None = None,
         every_seconds: float | None = None,
         keep_last: int = 3,
         keep: RetentionPolicy | None = None,
         async_save: bool = False,
         min_free_bytes: int = 0,
+        owners: Mapping[str, Any] | None = None,
+        progress: Progress | None = None,
+        per_rank: Collection[str] = PER_RANK,
+        rank_state: Callable[[str, Mapping[str, Any]], dict[str, Any]] | None = None,
+        summary: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.owners: dict[str, Any] = {}
@@ -212,13 +205,20 @@ class Checkpointer:
             if name != name.lower():
                 raise TypeError(f"extra: name {name!r} must be lower case ([a-z0-9_]+)")
             self.owners[name] = ObjectState(obj, name)
-        self.progress = Progress()
+        for name, obj in (owners or {}).items():
+            if not is_stateful(obj):
+                raise TypeError(f"owners[{name!r}]: has no state_dict()/load_state_dict()")
+            self.owners[name] = obj
+        self.progress = Progress() if progress is None else progress
         self.owners["progress"] = self.progress
         self.owners["rng"] = RNGState()  # restored last: nothing may draw after it
         self.config = None if config is None else config_to_json(config)
         self.allow_config_change = allow_config_change
         self.group = current_group()
         self.async_save = async_save
+        self.per_rank = tuple(n for n in per_rank if n in self.owners)
+        self.rank_state = rank_state
+        self.summary_fields = summary or dict
         self.save_policy = SavePolicy(every_steps, every_seconds)
         self.manager = CheckpointManager(
             self.run_dir / "checkpoints",
@@ -235,6 +235,8 @@ class Checkpointer:
         self._last_metrics: dict[str, Any] = {}
         self._save_pending = False
         self._closed = False
+        self._chose = False
+        self._chosen: CheckpointInfo | None = None
 
     # ------------------------------------------------------------------ resume
 
@@ -242,6 +244,31 @@ class Checkpointer:
     def global_step(self) -> int:
         """Optimizer steps completed (restored by :meth:`resume`, set by :meth:`step`)."""
         return self.progress.global_step
+
+    def _open_metrics(self) -> MetricsLog:
+        if self.metrics is None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            path = self.run_dir / "metrics.jsonl"
+            self.metrics = MetricsLog(path) if self.group.rank == 0 else NullMetricsLog()
+        return self.metrics
+
+    def latest(self) -> CheckpointInfo | None:
+        """The checkpoint :meth:`resume` will restore: the newest that verifies completely
+        (every rank's files included), chosen once and remembered; None if there is none.
+        Damaged ones are warned about (file and problem) and skipped, never deleted.
+        Collective under torchrun: rank 0 reads and chooses, every rank gets its choice."""
+        if not self._chose:
+            root = self.run_dir / "checkpoints"
+            self._chosen = choose_checkpoint(root, self.group, log.warning)
+            self._chose = True
+        return self._chosen
+
+    def start_fresh(self) -> None:
+        """Begin at global_step 0 although the run directory has checkpoints (they are kept;
+        ``metrics.jsonl`` is emptied). Instead of :meth:`resume`."""
+        self._open_metrics().rewind(0)
+        self._resumed_from = 0
+        self.save_policy.mark_saved(0, time.monotonic())
 
     def resume(self) -> int:
         """Restore every owner from the newest checkpoint that verifies; return its global_step
@@ -260,36 +287,34 @@ class Checkpointer:
             evertrain.state.StateError: a checkpoint that does not fit an owner (another
                 model, optimizer class, scheduler class, parameter shapes).
         """
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.metrics is None:
-            path = self.run_dir / "metrics.jsonl"
-            self.metrics = MetricsLog(path) if self.group.rank == 0 else NullMetricsLog()
-        root = self.run_dir / "checkpoints"
-        info = choose_checkpoint(root, self.group, log.warning)
+        info = self.latest()
+        metrics = self._open_metrics()
         if info is None:
-            if any(root.glob("step-*")):
+            if any((self.run_dir / "checkpoints").glob("step-*")):
                 raise ResumeError(
                     f"{self.run_dir}: has checkpoint directories but none verifies (see the "
                     f"warnings above); run `evertrain verify {self.run_dir}`, or use a new run "
                     f"directory"
                 )
-            self.metrics.rewind(0)
-            self._resumed_from = 0
-            self.save_policy.mark_saved(0, time.monotonic())
+            self.start_fresh()
             return 0
         states = self.manager.load(info).states
         self._check_config(states.get("config", {}).get("config"), info.path)
         self._check_world_size(states, info.path)
         self._warn_versions(states.get("versions", {}))
+        for name in self.per_rank:
+            key = rank_owner(name, self.group.rank)
+            if key not in states and self.rank_state is not None:
+                states[key] = self.rank_state(name, states)
         for name, owner in self.owners.items():
-            key = rank_owner(name, self.group.rank) if name in PER_RANK else name
+            key = rank_owner(name, self.group.rank) if name in self.per_rank else name
             if key not in states:
                 raise StateError(
                     f"{name}: {info.path} holds no state for it (it was written without "
                     f"{name}=); pass the same owners as the run that wrote it"
                 )
             owner.load_state_dict(states[key])
-        self.metrics.rewind(int(info.summary.get("metrics_offset", 0)))
+        metrics.rewind(int(info.summary.get("metrics_offset", 0)))
         self._last_metrics = dict(info.summary.get("metrics", {}))
         self._resumed_from = self.progress.global_step
         self.last_checkpoint = info.path
@@ -304,6 +329,8 @@ class Checkpointer:
         allow = self.allow_config_change
         if allow is True:
             refused = []
+        elif callable(allow):
+            refused = [d for d in diffs if not allow(d[0])]
         else:
             keys = () if allow is False else tuple(allow)
             refused = [
@@ -320,7 +347,7 @@ class Checkpointer:
 
     def _check_world_size(self, states: Mapping[str, Any], path: Path) -> None:
         saved = saved_world_size(states)
-        if saved != self.group.world_size:
+        if saved != self.group.world_size and self.rank_state is None:
             raise ResumeError(
                 f"{path}: written by {saved} process(es), this run has "
                 f"{self.group.world_size}; a user loop's data and RNG state are per rank and "
@@ -431,7 +458,7 @@ class Checkpointer:
         states = {
             name: owner.state_dict()
             for name, owner in self.owners.items()
-            if rank == 0 or name in PER_RANK
+            if rank == 0 or name in self.per_rank
         }
         if self.config is not None:
             states["config"] = {"version": 1, "config": self.config}
@@ -441,6 +468,7 @@ class Checkpointer:
             "metrics": self._last_metrics,
             "time": time.time(),
             "metrics_offset": self.metrics.offset(),
+            **self.summary_fields(),
         }
         protect = [self._resumed_from] if self._resumed_from else []
         try:
@@ -451,7 +479,7 @@ class Checkpointer:
                     step,
                     states,
                     summary,
-                    per_rank_owners=[n for n in PER_RANK if n in self.owners],
+                    per_rank_owners=self.per_rank,
                     protect=protect,
                     async_requested=self.async_save,
                 )

@@ -35,6 +35,36 @@ def is_stateful(obj: Any) -> bool:
     )
 
 
+def check_loader_rng(data: Any) -> None:
+    """Refuse a ``torch.utils.data.DataLoader`` (``StatefulDataLoader`` included) that would
+    make a resumed run differ from an uninterrupted one.
+
+    Each ``iter()`` of a DataLoader draws a seed from its ``generator``, or from the global
+    torch RNG when it has none; a resumed run calls ``iter()`` at another point of the RNG
+    stream than the uninterrupted run did, so dropout masks would differ after a resume.
+    A shuffling sampler sharing the loader's generator is refused for the same reason
+    (the restored shuffle state and the seed draws interleave differently).
+
+    Raises:
+        TypeError: ``generator=`` missing, or shared with the sampler; the message says
+            what to pass.
+    """
+    if not isinstance(data, torch.utils.data.DataLoader):
+        return
+    if data.generator is None:
+        raise TypeError(
+            "data: the DataLoader has no generator=, so every iter() draws from the global "
+            "torch RNG and a resumed run would get other dropout masks; pass "
+            "generator=torch.Generator()"
+        )
+    if getattr(data.sampler, "generator", None) is data.generator:
+        raise TypeError(
+            "data: the DataLoader's sampler shares its generator; give the sampler its own, "
+            "e.g. sampler=torchdata.stateful_dataloader.sampler.RandomSampler(ds, "
+            "generator=torch.Generator().manual_seed(seed)), generator=torch.Generator()"
+        )
+
+
 def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     # full_state_dict/cpu_offload stay off: a plain or DDP model's state is already whole on
     # every rank, and these are views of the live parameters (no copy per save).
