@@ -30,6 +30,7 @@ from evertrain.checkpoint import (
     read_checkpoint,
     verify_checkpoint,
 )
+from evertrain.checkpoint import commit as ckpt_commit
 from evertrain.checkpoint import format as ckpt_format
 from evertrain.checkpoint import manager as ckpt_manager
 from evertrain.checkpoint.safetensors_stream import layout, tensor_bytes
@@ -181,14 +182,14 @@ def test_at_most_one_save_in_flight_and_the_next_waits(
 
 
 def _fail_safetensors_writes(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = ckpt_format._write_parts
+    real = ckpt_commit._write_parts
 
     def failing(path: Path, parts: Any) -> dict[str, Any]:
         if path.suffix == ".safetensors":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path, parts)
 
-    monkeypatch.setattr(ckpt_format, "_write_parts", failing)
+    monkeypatch.setattr(ckpt_commit, "_write_parts", failing)
 
 
 def _check_until_raised(m: CheckpointManager) -> BaseException:

@@ -26,6 +26,7 @@ from evertrain.checkpoint import (
     SavePolicy,
     retention_from_config,
 )
+from evertrain.checkpoint import commit as ckpt_commit
 from evertrain.checkpoint import (
     format as ckpt_format,
 )
@@ -106,7 +107,7 @@ def test_crash_mid_save_leaves_only_a_tmp_dir(tmp_path: Path, point: str) -> Non
 def test_os_error_during_write_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     m, _ = manager(tmp_path)
     m.save(1, states(1), summary(1))
-    real, calls = ckpt_format._write_file, []
+    real, calls = ckpt_commit._write_file, []
 
     def failing(path: Path, data: bytes) -> dict[str, Any]:
         calls.append(path)
@@ -114,7 +115,7 @@ def test_os_error_during_write_cleans_up(tmp_path: Path, monkeypatch: pytest.Mon
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path, data)
 
-    monkeypatch.setattr(ckpt_format, "_write_file", failing)
+    monkeypatch.setattr(ckpt_commit, "_write_file", failing)
     with pytest.raises(CheckpointWriteError, match="No space left on device") as info:
         m.save(2, states(2), summary(2))
     assert "step-00000002.tmp was removed" in str(info.value)

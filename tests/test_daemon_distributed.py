@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import cli_env
 from daemon_util import drop, equal_files, rows, watch_config
-from evertrain.checkpoint.format import verify_checkpoint
+from evertrain.checkpoint import verify_checkpoint
 
 TRAIN_ROWS, VAL_ROWS = 24, 3  # per file
 MICRO, ACCUM, WORLD = 4, 2, 2  # one global micro-batch = 8 rows -> 3 per file -> steps 2 + 1

@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 
 from conftest import assert_identical, cli_env, small_data, train_losses, write_config
 from evertrain import distributed
+from evertrain.batching import grad_accum_for_resume
 from evertrain.checkpoint import (
     CheckpointInfo,
     CheckpointManager,
@@ -35,7 +36,7 @@ from evertrain.checkpoint import (
 )
 from evertrain.checkpoint.ranks import choose_checkpoint, rank_problems, save_ranked
 from evertrain.config import ConfigError, load_config
-from evertrain.distributed import Group, grad_accum_for_resume
+from evertrain.distributed import Group
 
 N = 12  # optimizer steps; 2 processes x micro-batch 2 x accumulation 2 = 8 examples a step
 TIMEOUT = 240
@@ -355,15 +356,15 @@ def test_resume_geometry_adjusts_accumulation_or_says_what_works(tmp_path: Path)
     (ckpt / "config.json").write_text(json.dumps({"version": 1, "config": cfg.to_json()}))
     batch = {"world_size": 2, "micro_batch_size": 2, "grad_accum_steps": 3}  # 12 a step
     info = CheckpointInfo(ckpt, 5, {"batch": batch})
-    assert grad_accum_for_resume(cfg, Group(world_size=2), info) == 3
-    assert grad_accum_for_resume(cfg, Group(world_size=1), info) == 6
-    assert grad_accum_for_resume(cfg, Group(world_size=3), info) == 2
-    assert grad_accum_for_resume(cfg, Group(world_size=6), info) == 1
+    assert grad_accum_for_resume(cfg, 2, info) == 3
+    assert grad_accum_for_resume(cfg, 1, info) == 6
+    assert grad_accum_for_resume(cfg, 3, info) == 2
+    assert grad_accum_for_resume(cfg, 6, info) == 1
     with pytest.raises(ConfigError, match=r"\(1, 6\), \(2, 3\), \(3, 2\), \(6, 1\)"):
-        grad_accum_for_resume(cfg, Group(world_size=4), info)
+        grad_accum_for_resume(cfg, 4, info)
     # a deliberate change of the batch keys is taken as given (the config check decides)
     changed = load_config(config, ["train.grad_accum_steps=1"])
-    assert grad_accum_for_resume(changed, Group(world_size=4), info) == 1
+    assert grad_accum_for_resume(changed, 4, info) == 1
     # no resume, or a checkpoint from before multi-process support: the config's value
-    assert grad_accum_for_resume(cfg, Group(world_size=4), None) == 3
-    assert grad_accum_for_resume(cfg, Group(world_size=4), CheckpointInfo(ckpt, 5, {})) == 3
+    assert grad_accum_for_resume(cfg, 4, None) == 3
+    assert grad_accum_for_resume(cfg, 4, CheckpointInfo(ckpt, 5, {})) == 3

@@ -226,12 +226,14 @@ def test_merged_export_reloads_and_generates(tmp_path, use_lora):
     if use_lora:
         perturb_adapter(lm.model, 5)
     before = {n: t.clone() for n, t in trainable_state(lm.model).items()}
+    env_before = dict(os.environ)
     out = merge_and_save(lm.model, lm.tokenizer, tmp_path / "merged")
     # the training model is untouched (merging is done on a copy)
     after = trainable_state(lm.model)
     assert after.keys() == before.keys()
     assert all(torch.equal(after[n], before[n]) for n in before)
-    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    # offline only while exporting: the process's environment is as it was
+    assert dict(os.environ) == env_before
     # eager attention as in the tiny model: sdpa would differ in the last bits
     reloaded = AutoModelForCausalLM.from_pretrained(
         str(out), local_files_only=True, attn_implementation="eager"
@@ -323,12 +325,28 @@ def test_smollm2_without_its_package_says_how_to_install(monkeypatch):
         load_model(ModelConfig(source="smollm2-135m"))
 
 
-def test_loading_sets_offline_mode():
-    tiny()
+def test_loading_is_offline_while_it_runs_and_leaves_the_environment(monkeypatch):
     import huggingface_hub.constants
 
-    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["TRANSFORMERS_OFFLINE"] == "1"
-    assert huggingface_hub.constants.HF_HUB_OFFLINE is True
+    import evertrain.models.tiny as tiny_module
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    seen = {}
+    real = tiny_module.build_tiny
+
+    def build(cfg):
+        seen["env"] = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+        seen["hub"] = huggingface_hub.constants.HF_HUB_OFFLINE
+        return real(cfg)
+
+    monkeypatch.setattr(tiny_module, "build_tiny", build)
+    env_before = dict(os.environ)
+    tiny()
+    assert seen == {"env": ("1", "1"), "hub": True}
+    assert dict(os.environ) == env_before
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False
 
 
 # --------------------------------------------------------------------------- cache

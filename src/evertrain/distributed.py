@@ -15,7 +15,7 @@ What is replicated and what is per rank:
   writes them to checkpoints.
 - RNG state is per rank (dropout masks must differ between ranks): rank 0 keeps the run's
   seed stream (so one process is the plain run), rank ``r > 0`` is reseeded with
-  :func:`rank_seed` after model init, and each rank checkpoints its own generators
+  :func:`~evertrain.rng.rank_seed` after model init, and each rank checkpoints its own generators
   (:mod:`evertrain.checkpoint.ranks`).
 - Only rank 0 writes ``metrics.jsonl``, prints and logs below ERROR; logged losses, token
   and example counts are all-reduced, so they describe the global batch.
@@ -47,17 +47,13 @@ import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import xxhash
 
-from evertrain.config import ConfigError, RunConfig
 from evertrain.metrics import MetricsLog
-
-if TYPE_CHECKING:
-    from evertrain.checkpoint import CheckpointInfo
+from evertrain.rng import rank_seed, seed_everything
 
 log = logging.getLogger("evertrain")
 
@@ -356,130 +352,11 @@ def no_sync(module: torch.nn.Module, last: bool) -> contextlib.AbstractContextMa
 # --------------------------------------------------------------------------- RNG
 
 
-def rank_seed(seed: int, rank: int, global_step: int) -> int:
-    """The seed of a rank that has no saved RNG state: XXH3-64 of
-    ``"evertrain.rng.rank/{seed}/{rank}/{global_step}"`` (63 bits). ``global_step`` is 0
-    for a fresh run and the resumed step for a rank added on resume, so a rank added later
-    does not replay the dropout masks of the run's start."""
-    key = f"evertrain.rng.rank/{seed}/{rank}/{global_step}".encode()
-    return xxhash.xxh3_64_intdigest(key) >> 1
-
-
 def seed_rank(seed: int, group: Group) -> None:
     """Reseed every RNG of a rank ``r > 0`` with :func:`rank_seed` ``(seed, r, 0)``; rank 0
     keeps the run's seed stream (a 1-process run is the plain run)."""
     if group.rank > 0:
-        from evertrain.rng import seed_everything
-
         seed_everything(rank_seed(seed, group.rank, 0))
-
-
-def rng_state_for_rank(states: dict[str, Any], group: Group, seed: int) -> dict[str, Any]:
-    """The ``rng`` state this rank restores from a checkpoint's ``states``.
-
-    Rank 0 takes ``rng``; rank ``r`` takes ``rng_rank<r>``; a rank the checkpoint has no
-    state for (it was written by fewer processes) gets generators seeded with
-    :func:`rank_seed` ``(seed, r, global_step)``. Rank 0 logs which ranks were derived or
-    dropped. Side effect: deriving reseeds this process's RNGs (they are then restored from
-    the returned state anyway).
-    """
-    from evertrain.checkpoint.ranks import rank_owner, saved_world_size
-
-    step = int(states["progress"]["global_step"])
-    saved = saved_world_size(states)
-    if group.rank == 0 and saved != group.world_size:
-        new = [r for r in range(saved, group.world_size)]
-        gone = [r for r in range(group.world_size, saved)]
-        log.warning(
-            "checkpoint written by %d process(es), resuming on %d: %s",
-            saved,
-            group.world_size,
-            f"ranks {new} start RNG streams derived from (seed, rank, global_step {step})"
-            if new
-            else f"the RNG states of ranks {gone} are not used",
-        )
-    name = rank_owner("rng", group.rank)
-    if name in states:
-        return dict(states[name])
-    from evertrain.rng import RNGState, seed_everything
-
-    seed_everything(rank_seed(seed, group.rank, step))
-    return RNGState().state_dict()
-
-
-# --------------------------------------------------------------------------- batches
-
-
-def grad_accum_for_resume(cfg: RunConfig, group: Group, resume: CheckpointInfo | None) -> int:
-    """Accumulation micro-steps per optimizer step for this run on ``group.world_size``
-    processes.
-
-    The global batch (examples per optimizer step) is ``micro_batch_size x
-    grad_accum_steps x world_size``. When a run resumes on a different number of processes
-    with ``train.micro_batch_size`` and ``train.grad_accum_steps`` unchanged from the
-    checkpoint's config, the checkpoint's global batch (``summary["batch"]``) is kept and
-    the accumulation is recomputed (and logged); the stored config keeps the user's value.
-    A deliberate change of those keys (``--allow-config-change``) is taken as given.
-
-    Args:
-        cfg: the run config.
-        group: this process's group.
-        resume: the checkpoint being resumed (its summary and ``config.json``), or None.
-
-    Raises:
-        ConfigError: the checkpoint's global batch cannot be split over this many processes
-            with this micro-batch size; the message lists the (processes, grad_accum_steps)
-            pairs that work.
-    """
-    t = cfg.train
-    batch = None if resume is None else resume.summary.get("batch")
-    if resume is None or not isinstance(batch, dict):
-        return t.grad_accum_steps  # fresh, or written before multi-process support
-    try:
-        stored = json.loads((resume.path / "config.json").read_bytes())["config"]["train"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return t.grad_accum_steps  # the resume's own checks report a broken config
-    if (stored.get("micro_batch_size"), stored.get("grad_accum_steps")) != (
-        t.micro_batch_size,
-        t.grad_accum_steps,
-    ):
-        return t.grad_accum_steps
-    saved_world = int(batch.get("world_size", 1))
-    global_batch = int(batch["micro_batch_size"]) * int(batch["grad_accum_steps"]) * saved_world
-    per_step = t.micro_batch_size * group.world_size
-    if global_batch == t.grad_accum_steps * per_step:
-        return t.grad_accum_steps
-    if global_batch % per_step == 0:
-        accum = global_batch // per_step
-        log.warning(
-            "resuming a checkpoint of %d process(es) on %d: train.grad_accum_steps %d -> %d "
-            "keeps the global batch of %d examples per optimizer step (micro_batch_size %d x "
-            "%d x %d processes); the data sequence continues exactly, floating-point results "
-            "may differ in the last bits (the gradient reduction order changes)",
-            saved_world,
-            group.world_size,
-            int(batch["grad_accum_steps"]),
-            accum,
-            global_batch,
-            t.micro_batch_size,
-            accum,
-            group.world_size,
-        )
-        return accum
-    mbs = t.micro_batch_size
-    pairs = [
-        f"({w}, {global_batch // (mbs * w)})"
-        for w in range(1, global_batch // mbs + 1)
-        if global_batch % (mbs * w) == 0
-    ]
-    raise ConfigError(
-        f"resume on {group.world_size} process(es): the checkpoint's global batch of "
-        f"{global_batch} examples per optimizer step cannot be split into micro-batches of "
-        f"train.micro_batch_size {mbs} on {group.world_size} processes; (processes, "
-        f"grad_accum_steps) that keep it: {', '.join(pairs) or 'none'}. Start with one of "
-        f"those process counts, or change train.micro_batch_size (a breaking change: "
-        f"--allow-config-change)"
-    )
 
 
 # --------------------------------------------------------------------------- debug
@@ -549,11 +426,9 @@ __all__ = [
     "PER_RANK_OWNERS",
     "debug_hooks",
     "eval_totals",
-    "grad_accum_for_resume",
     "no_sync",
     "rank_seed",
     "resolve_device",
-    "rng_state_for_rank",
     "seed_rank",
     "setup",
     "step_totals",

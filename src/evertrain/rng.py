@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
 from evertrain.state import StateError, check_version
 
@@ -24,6 +25,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rank_seed(seed: int, rank: int, global_step: int) -> int:
+    """The seed of a rank that has no saved RNG state: XXH3-64 of
+    ``"evertrain.rng.rank/{seed}/{rank}/{global_step}"`` (63 bits). ``global_step`` is 0
+    for a fresh run and the resumed step for a rank added on resume, so a rank added later
+    does not replay the dropout masks of the run's start."""
+    key = f"evertrain.rng.rank/{seed}/{rank}/{global_step}".encode()
+    return xxhash.xxh3_64_intdigest(key) >> 1
 
 
 class RNGState:

@@ -30,13 +30,14 @@ from typing import Any
 import torch
 
 from evertrain import __version__, distributed
+from evertrain.batching import grad_accum_for_resume
 from evertrain.checkpoint import (
     CheckpointManager,
     InsufficientDiskSpaceError,
     SavePolicy,
     retention_from_config,
 )
-from evertrain.checkpoint.ranks import choose_checkpoint, save_ranked
+from evertrain.checkpoint.ranks import choose_checkpoint, rng_state_for_rank, save_ranked
 from evertrain.config import ConfigError, RunConfig, breaking_changes, diff_configs
 from evertrain.data import DataCursor, build_datasets, make_loader
 from evertrain.faults import maybe_crash
@@ -124,6 +125,12 @@ class Trainer:
             owner. The ``watch`` daemon passes False and brings its own data owner in
             ``extra_owners``; ``total_steps`` is then ``train.max_steps`` (may be None).
         extra_owners: more state owners to checkpoint and restore (before ``rng``).
+        make_scheduler: builds the LR schedule owner (``scheduler``) for the optimizer,
+            before any checkpoint is restored into it; default an
+            :class:`~evertrain.schedule.LRScheduler` of ``train.schedule`` over
+            ``total_steps``. The ``watch`` daemon passes its open-ended schedule.
+        summary_fields: called at each save; its JSON-able fields are added to the
+            checkpoint's manifest summary (default: none).
 
     Raises:
         ResumeError: the run has checkpoints but none verifies, or the stored config
@@ -140,6 +147,8 @@ class Trainer:
         fresh: bool = False,
         build_data: bool = True,
         extra_owners: dict[str, Any] | None = None,
+        make_scheduler: Callable[[torch.optim.Optimizer], LRScheduler] | None = None,
+        summary_fields: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -163,7 +172,7 @@ class Trainer:
             if fresh
             else choose_checkpoint(self.run_dir / "checkpoints", self.dist, log.warning)
         )
-        self.grad_accum_steps = distributed.grad_accum_for_resume(cfg, self.dist, self._resume_info)
+        self.grad_accum_steps = grad_accum_for_resume(cfg, self.world_size, self._resume_info)
         data_owners: dict[str, Any] = {}
         self.total_steps: int | None = t.max_steps
         if build_data:
@@ -188,7 +197,11 @@ class Trainer:
             self.total_steps = t.max_steps or max(1, t.epochs * self.cursor.steps_per_epoch)
         params = trainable_parameters(self.model)
         self.optimizer = build_optimizer(params, t)
-        self.scheduler = LRScheduler(self.optimizer, t.schedule, t.lr, self.total_steps)
+        self.scheduler = (
+            LRScheduler(self.optimizer, t.schedule, t.lr, self.total_steps)
+            if make_scheduler is None
+            else make_scheduler(self.optimizer)
+        )
         self.progress, self.rng = Progress(), RNGState()
         self.model_owner = "adapter_model" if cfg.lora is not None else "model"
         self.owners: dict[str, Any] = {
@@ -214,14 +227,16 @@ class Trainer:
             else distributed.NullMetricsLog()
         )
         self.last_eval: dict[str, float] = {}
+        self.summary_fields: Callable[[], dict[str, Any]] = summary_fields or dict
+        # saved instead of asking the owner: a state that must not be applied to this
+        # process (override_owner_state)
+        self._state_overrides: dict[str, dict[str, Any]] = {}
         self.resumed_from: int | None = None
         self._saved_step: int | None = None
         self._save_pending = False
         self._resume(allow_config_change, fresh)
         self.on_step: list[Callable[[StepStats], None]] = []
         self.on_step.extend(distributed.debug_hooks(self))
-        # extra JSON fields for each checkpoint's manifest summary (the daemon adds its file)
-        self.summary_fields: Callable[[], dict[str, Any]] = dict
 
     # ------------------------------------------------------------------ resume / save
 
@@ -260,7 +275,9 @@ class Trainer:
                 now_versions,
             )
         # this rank's RNG state (rng_rank<R>; derived for a rank the checkpoint lacks)
-        states["rng"] = distributed.rng_state_for_rank(states, self.dist, self.cfg.seed)
+        states["rng"] = rng_state_for_rank(
+            states, rank=self.rank, world_size=self.world_size, seed=self.cfg.seed
+        )
         for name, owner in self.owners.items():
             owner.load_state_dict(states[name])
         for change in self.scheduler.changes():
@@ -287,7 +304,9 @@ class Trainer:
         self.metrics.sync()
         # Ranks > 0 save only their own RNG state; rank 0 writes the replicated owners.
         states = {
-            name: owner.state_dict()
+            name: self._state_overrides[name]
+            if name in self._state_overrides
+            else owner.state_dict()
             for name, owner in self.owners.items()
             if self.rank == 0 or name in distributed.PER_RANK_OWNERS
         }
@@ -335,6 +354,25 @@ class Trainer:
         self._saved_step = self.progress.global_step
         self._log_checkpoint_stats()
         return path
+
+    def override_owner_state(self, name: str, state: dict[str, Any]) -> None:
+        """Checkpoint ``state`` as owner ``name``'s state in every later :meth:`save`,
+        instead of asking the owner; the owner itself is left as it is. For a state that
+        must be saved but not applied to this process (an imported RNG state).
+
+        Raises:
+            KeyError: the trainer has no owner ``name``.
+        """
+        if name not in self.owners:
+            raise KeyError(f"no owner {name!r}; the owners are {sorted(self.owners)}")
+        self._state_overrides[name] = state
+
+    def record_eval(self, metrics: dict[str, float]) -> None:
+        """Make ``metrics`` (e.g. ``{"val_loss", "val_ppl"}``, or ``{}``) the latest
+        evaluation: :attr:`last_eval`, which the next checkpoints' summary records under
+        ``metrics``. Writes nothing to ``metrics.jsonl`` and leaves the best-checkpoint
+        tracking alone. Raises nothing."""
+        self.last_eval = dict(metrics)
 
     # ------------------------------------------------------------------ async checkpoints
 

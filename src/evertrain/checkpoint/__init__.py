@@ -10,6 +10,7 @@ See ``docs/checkpoint-format.md`` for the on-disk format. Public API:
   :class:`KeepEvery`, :class:`KeepPinned`, :class:`KeepUnion` (or ``a | b``).
 """
 
+from evertrain.checkpoint.commit import write_checkpoint
 from evertrain.checkpoint.errors import (
     CheckpointError,
     CheckpointWriteError,
@@ -21,10 +22,7 @@ from evertrain.checkpoint.format import (
     FORMAT_VERSION,
     LoadedCheckpoint,
     estimate_size,
-    read_checkpoint,
     step_dir_name,
-    verify_checkpoint,
-    write_checkpoint,
 )
 from evertrain.checkpoint.manager import CheckpointInfo, CheckpointManager
 from evertrain.checkpoint.policy import (
@@ -37,6 +35,7 @@ from evertrain.checkpoint.policy import (
     SavePolicy,
     retention_from_config,
 )
+from evertrain.checkpoint.verify import read_checkpoint, verify_checkpoint
 from evertrain.checkpoint.writer import SaveStats
 
 __all__ = [

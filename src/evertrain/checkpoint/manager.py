@@ -15,21 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from evertrain.checkpoint.commit import commit_checkpoint, fsync_dir
 from evertrain.checkpoint.errors import CheckpointError, InsufficientDiskSpaceError
 from evertrain.checkpoint.format import (
     MANIFEST,
     STEP_DIR_RE,
     LoadedCheckpoint,
     PreparedCheckpoint,
-    commit_checkpoint,
-    fsync_dir,
     prepare_checkpoint,
-    read_checkpoint,
     step_dir_name,
-    verify_checkpoint,
 )
 from evertrain.checkpoint.policy import RetentionPolicy
 from evertrain.checkpoint.staging import StagingBuffer
+from evertrain.checkpoint.verify import read_checkpoint, verify_checkpoint
 from evertrain.checkpoint.writer import BackgroundWriter, SaveStats
 
 if TYPE_CHECKING:

@@ -7,7 +7,11 @@ names (``rng.json``); rank ``r > 0`` writes each per-rank owner ``X`` as owner
 ``step-N.tmp/``. Per-rank files are ordinary owner files of format v1, so every reader
 verifies them with no change. The manifest summary records ``"ranks": {"world_size": W,
 "per_rank_owners": [...]}``, which lets a reader tell a complete multi-rank checkpoint from
-one missing a rank (:func:`rank_problems`).
+one missing a rank (:func:`rank_problems`). On resume each rank takes its own RNG state
+(:func:`rng_state_for_rank`).
+
+The process group is anything with the few collectives of :class:`Collectives` (an
+:class:`evertrain.distributed.Group`); this package never imports the group's module.
 
 Commit protocol (:func:`save_ranked`), all ranks in lockstep:
 
@@ -34,39 +38,57 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
+from evertrain.checkpoint.commit import write_owner_files
 from evertrain.checkpoint.errors import (
     CheckpointError,
     CheckpointWriteError,
     InsufficientDiskSpaceError,
     Problem,
 )
-from evertrain.checkpoint.format import (
-    MANIFEST,
-    STEP_DIR_RE,
-    prepare_checkpoint,
-    step_dir_name,
-    verify_checkpoint,
-    write_owner_files,
-)
+from evertrain.checkpoint.format import MANIFEST, STEP_DIR_RE, prepare_checkpoint, step_dir_name
 from evertrain.checkpoint.manager import CheckpointInfo, CheckpointManager
-
-if TYPE_CHECKING:
-    from evertrain.distributed import Group
+from evertrain.checkpoint.verify import verify_checkpoint
+from evertrain.rng import RNGState, rank_seed, seed_everything
 
 _logger = logging.getLogger("evertrain.checkpoint")
+# resume messages go to the run's log, next to the trainer's own
+_run_log = logging.getLogger("evertrain")
 _RANK_OWNER_RE = re.compile(r"(?P<owner>[a-z0-9_]+?)_rank(?P<rank>[1-9][0-9]*)")
 # rank 0's broadcast after preparing, and after the commit
 _GO, _ABORT_DISK, _ABORT, _COMMITTED, _FAILED = 0, 1, 2, 3, 4
 _warned_async: list[bool] = []
 
 
+class Collectives(Protocol):
+    """What the rank protocols need of a process group (:class:`evertrain.distributed.Group`
+    has it); with one process every collective returns its input."""
+
+    @property
+    def rank(self) -> int:
+        """This process's rank, ``0 <= rank < world_size``."""
+        ...
+
+    @property
+    def world_size(self) -> int:
+        """Number of processes."""
+        ...
+
+    def broadcast_ints(self, values: Sequence[int], src: int = 0) -> list[int]:
+        """``values`` of rank ``src`` on every rank."""
+        ...
+
+    def all_gather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's ``data``, indexed by rank."""
+        ...
+
+
 class PeerFiles(Protocol):
     """The other ranks' part of a commit, driven by rank 0's
-    :func:`~evertrain.checkpoint.format.commit_checkpoint`."""
+    :func:`~evertrain.checkpoint.commit.commit_checkpoint`."""
 
     def start(self, tmp: Path) -> None:
         """``tmp`` exists: the other ranks may write their files into it now."""
@@ -90,6 +112,41 @@ def saved_world_size(states: Mapping[str, Any]) -> int:
     ``<owner>_rank<R>`` owner (1 when there is none)."""
     ranks = [int(m["rank"]) for n in states if (m := _RANK_OWNER_RE.fullmatch(n))]
     return 1 + max(ranks, default=0)
+
+
+def rng_state_for_rank(
+    states: Mapping[str, Any], *, rank: int, world_size: int, seed: int
+) -> dict[str, Any]:
+    """The ``rng`` state process ``rank`` of ``world_size`` restores from a checkpoint's
+    ``states``.
+
+    Rank 0 takes ``rng``; rank ``r`` takes ``rng_rank<r>``; a rank the checkpoint has no
+    state for (it was written by fewer processes) gets generators seeded with
+    :func:`~evertrain.rng.rank_seed` ``(seed, r, global_step)``. Rank 0 logs which ranks
+    were derived or dropped. Side effect: deriving reseeds this process's RNGs (they are
+    then restored from the returned state anyway).
+
+    Raises:
+        KeyError: ``states`` has no ``progress`` owner.
+    """
+    step = int(states["progress"]["global_step"])
+    saved = saved_world_size(states)
+    if rank == 0 and saved != world_size:
+        new = [r for r in range(saved, world_size)]
+        gone = [r for r in range(world_size, saved)]
+        _run_log.warning(
+            "checkpoint written by %d process(es), resuming on %d: %s",
+            saved,
+            world_size,
+            f"ranks {new} start RNG streams derived from (seed, rank, global_step {step})"
+            if new
+            else f"the RNG states of ranks {gone} are not used",
+        )
+    name = rank_owner("rng", rank)
+    if name in states:
+        return dict(states[name])
+    seed_everything(rank_seed(seed, rank, step))
+    return RNGState().state_dict()
 
 
 def rank_problems(manifest: Mapping[str, Any]) -> list[Problem]:
@@ -129,7 +186,7 @@ def _manifest(path: Path) -> dict[str, Any]:
 
 
 def choose_checkpoint(
-    root: Path, group: Group, log: Callable[[str], None] | None = None
+    root: Path, group: Collectives, log: Callable[[str], None] | None = None
 ) -> CheckpointInfo | None:
     """The checkpoint under ``root`` (``RUN/checkpoints``) to resume: the newest that
     verifies completely, every rank's files included
@@ -183,7 +240,7 @@ class _Leader:
     """Rank 0's side of the protocol; tracks how far it got so that a failure at any point
     still releases the other ranks (a rank left in a collective would wait forever)."""
 
-    def __init__(self, group: Group, global_step: int) -> None:
+    def __init__(self, group: Collectives, global_step: int) -> None:
         self.group, self.global_step = group, global_step
         self.phase = "prepare"
 
@@ -225,7 +282,7 @@ class _Leader:
         self.group.broadcast_ints([_FAILED])
 
 
-def _gather(group: Group, report: dict[str, Any]) -> list[dict[str, Any]]:
+def _gather(group: Collectives, report: dict[str, Any]) -> list[dict[str, Any]]:
     blobs = group.all_gather_bytes(json.dumps(report).encode())
     return [json.loads(b) for b in blobs]
 
@@ -245,7 +302,7 @@ def _write_peer_part(
 
 def save_ranked(
     manager: CheckpointManager,
-    group: Group,
+    group: Collectives,
     global_step: int,
     states: Mapping[str, Mapping[str, Any]],
     summary: Mapping[str, Any],

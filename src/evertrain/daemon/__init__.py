@@ -5,7 +5,8 @@ Modules, each owning one thing: :mod:`.layout` (the run directory's folders and 
 of every file), :mod:`.stream` (the checkpointed stream position), :mod:`.replay`,
 :mod:`.filedata` (per-file datasets), :mod:`.schedule` (the LR on an open-ended stream),
 :mod:`.settings` (watch-mode config rules), :mod:`.reconcile` (crash recovery),
-:mod:`.snapshots`, :mod:`.status`, :mod:`.control` and :mod:`.loop` (the daemon).
+:mod:`.snapshots`, :mod:`.status`, :mod:`.control`, :mod:`.files` (one file's way through the
+daemon) and :mod:`.loop` (the daemon).
 
 Names are imported on first use, so readers (``evertrain status``, the dashboard) that need
 only the ledger, the status or the control record do not load torch.

@@ -10,6 +10,9 @@ is a regular file whose size and mtime have not changed for ``watch.settle_secon
 Refused at the door (moved to ``rejected/`` with a reason, never read): symbolic links,
 directories, other non-regular files, files over ``watch.max_file_bytes``, and files still
 changing after ``watch.settle_timeout_seconds``.
+
+:func:`take_arrivals` moves complete entries out of the inbox and records them in the
+ledger.
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from evertrain.daemon.layout import RunLayout, reason_path, stored_name
+from evertrain.daemon.ledger import FileRow, Ledger
+from evertrain.daemon.reconcile import hash_file, move, write_reason
+from evertrain.faults import maybe_crash
 
 log = logging.getLogger("evertrain.daemon")
 
@@ -216,3 +224,71 @@ class InboxWatcher:
         if observer is not None:
             observer.stop()
             observer.join(timeout=5)
+
+
+def take_arrivals(
+    scanner: InboxScanner,
+    ledger: Ledger,
+    layout: RunLayout,
+    failed: set[str],
+    emit: Callable[[str, dict[str, Any]], None],
+) -> None:
+    """Move each complete inbox entry to ``queue/`` (or, refused at the door, to
+    ``rejected/`` with its reason file), then record it in the ledger under the next file
+    id; a refusal is also passed to ``emit("rejected", {"id", "name", "reason"})``.
+
+    An entry that cannot be moved stays in the inbox: one that vanished since the scan is
+    skipped, any other is logged once (its name is added to ``failed``). Raises what the
+    ledger raises.
+    """
+    for arrival in scanner.scan():
+        file_id = ledger.max_id() + 1
+        src = layout.inbox / arrival.name
+        stored = stored_name(file_id, arrival.name)
+        if arrival.reject is None:
+            dest = layout.queue / stored
+        else:
+            dest = layout.rejected / stored
+            write_reason(dest, arrival.name, f"{arrival.name}: {arrival.reject}")
+        try:
+            move(src, dest)
+        except FileNotFoundError:  # taken away by its writer since the scan
+            reason_path(dest).unlink(missing_ok=True)
+            continue
+        except OSError as e:  # e.g. a name too long for the <id>- prefix
+            if arrival.name not in failed:
+                failed.add(arrival.name)
+                log.error(
+                    "cannot take %s out of the inbox (%s); rename it, it stays there",
+                    arrival.name,
+                    e,
+                )
+            continue
+        maybe_crash("intake", file_id)
+        now = time.time()
+        error = None if arrival.reject is None else f"{arrival.name}: {arrival.reject}"
+        if arrival.reject is None:
+            # unreadable: recorded without a hash; validation rejects it with the reason
+            size, digest = hash_file(dest)
+            status, finished = "queued", None
+        else:
+            size, digest = os.lstat(dest).st_size, None
+            status, finished = "rejected", now
+        ledger.insert(
+            FileRow(
+                id=file_id,
+                name=arrival.name,
+                path=layout.rel(dest),
+                content_hash=digest,
+                size=size,
+                status=status,
+                arrived_at=now,
+                finished_at=finished,
+                error=error,
+            )
+        )
+        if arrival.reject is None:
+            log.info("took %s as file %d (%d bytes)", arrival.name, file_id, size)
+        else:
+            log.warning("REJECTED file %d: %s", file_id, error)
+            emit("rejected", {"id": file_id, "name": arrival.name, "reason": error})

@@ -108,6 +108,7 @@ class Follower:
         """Follow rank 0 until it sends ``stop``. Returns 0."""
         from evertrain.trainer import Trainer
 
+        t = self.cfg.train
         with self._signals():
             tr = Trainer(
                 self.cfg,
@@ -115,13 +116,12 @@ class Follower:
                 allow_config_change=self.allow_config_change,
                 build_data=False,
                 extra_owners={"stream": StreamState()},
+                # the same open-ended schedule as rank 0's (the learning rate of each step)
+                make_scheduler=lambda opt: StreamScheduler(opt, t.schedule, t.lr),
             )
             try:
-                # the same open-ended schedule as rank 0's (the learning rate of each step)
-                sched = StreamScheduler(tr.optimizer, self.cfg.train.schedule, self.cfg.train.lr)
-                sched.loaded_definition = tr.scheduler.loaded_definition
-                tr.scheduler = sched
-                tr.owners["scheduler"] = sched
+                sched = tr.scheduler
+                assert isinstance(sched, StreamScheduler)
                 self._follow(tr, sched)
             finally:
                 tr.close()

@@ -12,15 +12,27 @@ is waiting out, e.g. no disk space for a checkpoint; else null), ``watcher`` (``
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import math
+import os
 import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from evertrain.daemon.layout import atomic_write
 
+if TYPE_CHECKING:
+    from evertrain.daemon.intake import InboxScanner, InboxWatcher
+    from evertrain.daemon.ledger import Ledger
+    from evertrain.daemon.stream import FilePlan
+
+log = logging.getLogger("evertrain.daemon")
+
+PROGRESS_LOG_SECONDS = 30.0
 STATES = ("starting", "idle", "validating", "training", "paused", "stopping", "stopped")
 
 
@@ -39,6 +51,110 @@ class StepMeter:
 
     def seconds_per_step(self) -> float | None:
         return sum(s for _, s in self._steps) / len(self._steps) if self._steps else None
+
+
+class ProgressLog:
+    """Logs a training file's progress: its first and last step, and a step at most every
+    :data:`PROGRESS_LOG_SECONDS` in between."""
+
+    def __init__(self, meter: StepMeter) -> None:
+        self.meter = meter
+        self._last = -math.inf
+
+    def step(self, plan: FilePlan, stats: Any) -> None:
+        """After an optimizer step of ``plan``'s file (``stats``: its
+        :class:`~evertrain.trainer.StepStats`)."""
+        now = time.monotonic()
+        if now - self._last < PROGRESS_LOG_SECONDS and plan.steps_done not in (
+            1,
+            plan.steps_total,
+        ):
+            return
+        self._last = now
+        sps = self.meter.seconds_per_step()
+        eta = (plan.steps_total - plan.steps_done) * sps if sps else None
+        log.info(
+            "file %d (%s): step %d/%d (global_step %d) loss %.4f lr %.2e %.0f tok/s eta %s",
+            plan.id,
+            plan.name,
+            plan.steps_done,
+            plan.steps_total,
+            stats.global_step,
+            stats.loss,
+            stats.lr,
+            self.meter.tokens_per_second() or 0.0,
+            "?" if eta is None else f"{eta:.0f}s",
+        )
+
+
+def status_record(
+    *,
+    state: str,
+    trainer: Any,
+    plan: FilePlan | None,
+    meter: StepMeter,
+    ledger: Ledger | None,
+    scanner: InboxScanner | None,
+    watcher: InboxWatcher | None,
+    last_checkpoint: dict[str, Any] | None,
+    warning: str | None,
+) -> dict[str, Any]:
+    """The status record (the fields in the module docstring) of a daemon in ``state``,
+    training with ``trainer`` (None before it exists) the file of ``plan`` (None between
+    files). Reads the ledger; raises nothing of its own."""
+    p = trainer.progress if trainer is not None else None
+    losses = p.recent_losses[-20:] if p is not None else []
+    current = None
+    if plan is not None:
+        sps = meter.seconds_per_step()
+        current = {
+            "id": plan.id,
+            "name": plan.name,
+            "examples_done": plan.examples,
+            "examples_total": plan.examples_total,
+            "steps_done": plan.steps_done,
+            "steps_total": plan.steps_total,
+            "percent": round(100.0 * plan.steps_done / max(plan.steps_total, 1), 2),
+            "eta_seconds": None
+            if sps is None
+            else round((plan.steps_total - plan.steps_done) * sps, 1),
+        }
+    queue = (
+        [
+            r.name
+            for r in ledger.rows("queued", "validating", "training")
+            if plan is None or r.id != plan.id
+        ]
+        if ledger is not None
+        else []
+    )
+    last_snap = None
+    if ledger is not None:
+        snaps = ledger.snapshots()
+        if snaps:
+            s = snaps[-1]
+            last_snap = {"path": s.path, "global_step": s.global_step, "time": s.time}
+    lr = None
+    if trainer is not None and p is not None and p.global_step > 0:
+        with contextlib.suppress(ValueError):
+            lr = trainer.scheduler.lr_at(p.global_step - 1)
+    return {
+        "state": state,
+        "pid": os.getpid(),
+        "updated": time.time(),
+        "global_step": p.global_step if p is not None else None,
+        "loss": sum(losses) / len(losses) if losses else None,
+        "lr": lr,
+        "tokens_per_second": meter.tokens_per_second(),
+        "current_file": current,
+        "queue": queue,
+        "inbox": list(scanner.settling) if scanner is not None else [],
+        "last_checkpoint": last_checkpoint,
+        "last_snapshot": last_snap,
+        "counts": ledger.counts() if ledger is not None else {},
+        "warning": warning,
+        "watcher": watcher.mode if watcher is not None else None,
+    }
 
 
 class StatusWriter:

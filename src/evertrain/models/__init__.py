@@ -18,7 +18,7 @@ from evertrain.config import LoraConfig, ModelConfig
 from evertrain.models.errors import ModelCacheError, ModelSourceError
 from evertrain.models.export import adapter_config, merge_and_save, save_peft_adapter
 from evertrain.models.lora import apply_lora, default_target_modules
-from evertrain.models.offline import ensure_offline
+from evertrain.models.offline import hub_offline
 from evertrain.models.trainable import (
     is_peft_model,
     load_trainable_state,
@@ -79,7 +79,12 @@ def load_model(cfg: ModelConfig, lora: LoraConfig | None = None) -> LoadedModel:
             directory contents, or LoRA targets that do not exist.
         ModelCacheError: a GGUF conversion failed its verification.
     """
-    ensure_offline()  # before transformers is imported below
+    # transformers is first imported inside: its import reads the offline switches too
+    with hub_offline():
+        return _load_model(cfg, lora)
+
+
+def _load_model(cfg: ModelConfig, lora: LoraConfig | None) -> LoadedModel:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     src = cfg.source

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from evertrain.fsutil import staged_dir
-from evertrain.models.offline import ensure_offline
+from evertrain.models.offline import hub_offline
 from evertrain.models.trainable import is_peft_model, unwrap
 
 
@@ -33,7 +33,6 @@ def save_peft_adapter(model: torch.nn.Module, out_dir: str | Path) -> Path:
             :func:`merge_and_save`).
         FileExistsError: ``out_dir`` exists and is not empty.
     """
-    ensure_offline()
     base: Any = unwrap(model)
     if not is_peft_model(base):
         raise TypeError(
@@ -41,7 +40,7 @@ def save_peft_adapter(model: torch.nn.Module, out_dir: str | Path) -> Path:
             "export a fully fine-tuned model with merge_and_save"
         )
     out = Path(out_dir)
-    with staged_dir(out) as tmp:
+    with hub_offline(), staged_dir(out) as tmp:
         # save_embedding_layers=False: as in trainable_state; "auto" would also look up the
         # base model's config, online when the base was not a local directory.
         base.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
@@ -62,16 +61,16 @@ def merge_and_save(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path) 
     Raises:
         FileExistsError: ``out_dir`` exists and is not empty.
     """
-    ensure_offline()
     base: Any = unwrap(model)
-    if is_peft_model(base):
-        merged = copy.deepcopy(base).merge_and_unload()
-    else:
-        merged = base
     out = Path(out_dir)
-    with staged_dir(out) as tmp:
-        merged.save_pretrained(str(tmp))  # safetensors: the transformers default
-        tokenizer.save_pretrained(str(tmp))
+    with hub_offline():
+        if is_peft_model(base):
+            merged = copy.deepcopy(base).merge_and_unload()
+        else:
+            merged = base
+        with staged_dir(out) as tmp:
+            merged.save_pretrained(str(tmp))  # safetensors: the transformers default
+            tokenizer.save_pretrained(str(tmp))
     return out
 
 
@@ -95,7 +94,7 @@ def adapter_config(model: torch.nn.Module) -> dict[str, Any]:
         raise TypeError("adapter_config: the model has no LoRA adapter")
     cfg = copy.deepcopy(base.peft_config[base.active_adapter])
     cfg.inference_mode = True
-    with tempfile.TemporaryDirectory() as tmp:
+    with hub_offline(), tempfile.TemporaryDirectory() as tmp:
         cfg.save_pretrained(tmp)
         out: dict[str, Any] = json.loads((Path(tmp) / "adapter_config.json").read_text())
     return out

@@ -1,10 +1,10 @@
 """Local model sources: a Hugging Face model directory, a ``.gguf`` file, bundled SmolLM2.
 
-Nothing here reaches a model hub: callers run :func:`evertrain.models.offline.ensure_offline`
-first and every ``from_pretrained`` gets ``local_files_only=True``. A GGUF file is
-dequantized once into a plain safetensors model in the converted-model cache
-(:mod:`evertrain.models.cache`); later loads read the cache (seconds instead of a
-dequantization).
+Nothing here reaches a model hub: callers load inside
+:func:`evertrain.models.offline.hub_offline` and every ``from_pretrained`` gets
+``local_files_only=True``. A GGUF file is dequantized once into a plain safetensors model
+in the converted-model cache (:mod:`evertrain.models.cache`); later loads read the cache
+(seconds instead of a dequantization).
 """
 
 from __future__ import annotations
