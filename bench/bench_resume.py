@@ -5,7 +5,8 @@ thread) on the same 1.075M rows of 8 tokens (86k random-letter documents, packed
 micro-batch 8, in the same process.
 
 - evertrain: a run directory whose checkpoint sits at position P (cursor offset and
-  examples_seen = P, global_step = P / 8); resume = ``Trainer(cfg, run_dir)`` (verify and
+  examples_seen = P, global_step = P / 8); resume = ``build_trainer(cfg, run_dir).resume()``
+  (verify and
   load the newest checkpoint, build the data from the tokenised-data cache) up to the end of
   the first ``train_step``.
 - Hugging Face Trainer: an ``IterableDataset`` over the same rows and a checkpoint whose
@@ -31,7 +32,7 @@ import torch
 from common import median, pairwise, print_table, rotated, workdir, write_json
 
 from evertrain.config import load_config
-from evertrain.trainer import Trainer
+from evertrain.recipe import build_trainer
 
 POSITIONS = [0, 10_000, 1_000_000]
 MB = 8
@@ -72,7 +73,8 @@ def config(work: Path, data: Path) -> Any:
 
 def evertrain_checkpoint(cfg: Any, run: Path, position: int) -> None:
     """A run directory whose newest checkpoint is at data position ``position``."""
-    tr = Trainer(cfg, run)
+    tr = build_trainer(cfg, run)
+    tr.resume()
     c, p = tr.cursor, tr.progress
     assert position < c.steps_per_epoch * c.global_batch_size, "position must lie in epoch 0"
     c.offset = c.examples_seen = p.examples_seen = position
@@ -83,9 +85,10 @@ def evertrain_checkpoint(cfg: Any, run: Path, position: int) -> None:
 
 def evertrain_resume(cfg: Any, run: Path) -> float:
     t0 = time.perf_counter()
-    tr = Trainer(cfg, run)
+    tr = build_trainer(cfg, run)
+    tr.resume()
     tr.model.train()
-    tr.train_step(tr._batches())
+    tr.train_step(tr.batches())
     seconds = time.perf_counter() - t0
     tr.close()
     return seconds
@@ -185,7 +188,8 @@ def main() -> None:
     work = workdir("resume")
     data = make_data(work)
     cfg = config(work, data)
-    setup = Trainer(cfg, work / "setup")  # builds the tokenised-data cache (untimed)
+    setup = build_trainer(cfg, work / "setup")  # builds the tokenised-data cache (untimed)
+    setup.resume()
     ds = setup.train_ds
     print(f"training rows: {len(ds)} of {SEQ} tokens")
     rows = Rows(ds.input_ids, ds.labels, ds.attention_mask)

@@ -32,7 +32,7 @@ import torch
 from common import ROOT, median, pairwise, print_table, rotated, workdir, write_json
 
 from evertrain.config import load_config
-from evertrain.trainer import Trainer
+from evertrain.recipe import build_trainer
 
 DATA = ROOT.parent / "examples" / "data" / "tiny.jsonl"
 
@@ -61,7 +61,8 @@ def config(work: Path, steps: int, every: int | None, async_save: bool) -> Any:
 
 def run_evertrain(cfg: Any, run: Path) -> tuple[float, int]:
     shutil.rmtree(run, ignore_errors=True)
-    tr = Trainer(cfg, run)
+    tr = build_trainer(cfg, run)
+    tr.resume()
     ends: list[float] = []
     tr.on_step.append(lambda s: ends.append(time.perf_counter()))
     tr.fit()
@@ -71,7 +72,8 @@ def run_evertrain(cfg: Any, run: Path) -> tuple[float, int]:
 
 def run_plain(cfg: Any, work: Path) -> tuple[float, int]:
     """The plain loop, on the model, rows and optimizer settings the trainer builds."""
-    tr = Trainer(cfg, work / "plain-setup")  # only to build the same model and rows
+    tr = build_trainer(cfg, work / "plain-setup")
+    tr.resume()  # only to build the same model and rows
     model, ds = tr.model, tr.train_ds
     tr.close()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

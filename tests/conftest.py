@@ -116,3 +116,16 @@ def assert_identical(a: Any, b: Any, path: str = "") -> None:
 @pytest.fixture
 def tiny_config(tmp_path: Path) -> Path:
     return write_config(tmp_path)
+
+
+def resumed_trainer(cfg: Any, run_dir: Path, *, fresh: bool = False, **kw: Any) -> Any:
+    """``evertrain train``'s trainer for ``cfg`` in ``run_dir``: built, then resumed (or
+    started fresh), as the CLI does."""
+    from evertrain.recipe import build_trainer
+
+    trainer = build_trainer(cfg, run_dir, fresh=fresh, **kw)
+    if fresh:
+        trainer.start_fresh()
+    else:
+        trainer.resume()
+    return trainer

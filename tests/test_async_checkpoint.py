@@ -20,7 +20,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from conftest import evertrain, train_losses, write_config
+from conftest import evertrain, resumed_trainer, train_losses, write_config
 from evertrain.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -269,7 +269,7 @@ def _restore_torch_threads() -> Any:
 def _trainer(tmp_path: Path, **cfg: Any) -> Trainer:
     cfg.setdefault("checkpoint", {"every_steps": 5, "keep_last": 3, "async": True})
     cfg.setdefault("model", {"source": "tiny", "dropout": 0.1, "num_threads": 1})
-    return Trainer(load_config(write_config(tmp_path, **cfg)), tmp_path / "run")
+    return resumed_trainer(load_config(write_config(tmp_path, **cfg)), tmp_path / "run")
 
 
 def _slow_commits(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
@@ -287,7 +287,7 @@ def test_trainer_async_saves_log_stats_and_fit_waits_for_the_last(
 ) -> None:
     _slow_commits(monkeypatch, 0.2)
     tr = _trainer(tmp_path, train={"max_steps": 12, "eval_every_steps": None})
-    assert tr.cfg.checkpoint.async_save
+    assert tr.checkpoint_config.async_save and tr.ckpt.async_save
     assert tr.fit() == "done"
     # fit returned only after the final checkpoint (step 12) was committed
     assert not tr.checkpoints.in_flight

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import evertrain, write_config
+from conftest import evertrain, resumed_trainer, write_config
 from evertrain.config import load_config
 from evertrain.evaluate import (
     DEFAULT_PROMPTS,
@@ -22,7 +22,6 @@ from evertrain.evaluate import (
     evaluate_trainer,
 )
 from evertrain.metrics import read_metrics
-from evertrain.trainer import Trainer
 
 STEPS = 8
 
@@ -41,7 +40,7 @@ def run(tmp_path_factory: Any) -> tuple[Path, Path]:
         },
         checkpoint={"every_steps": 4},
     )
-    t = Trainer(load_config(config), tmp / "run")
+    t = resumed_trainer(load_config(config), tmp / "run")
     t.fit()
     t.close()
     return tmp / "run", config
@@ -86,10 +85,10 @@ def test_untrained_model_from_config_is_step_zero(run: tuple[Path, Path], tmp_pa
 
 def test_evaluating_a_live_trainer_leaves_training_exact(run: tuple[Path, Path]) -> None:
     _, config = run
-    t = Trainer(load_config(config), Path(str(run[0]) + "-live"), fresh=True)
+    t = resumed_trainer(load_config(config), Path(str(run[0]) + "-live"), fresh=True)
     t.model.train()
     rngs = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
-    rep = evaluate_trainer(t, prompts=["a"], max_new_tokens=4)
+    rep = evaluate_trainer(t, load_config(config), prompts=["a"], max_new_tokens=4)
     assert torch.equal(torch.get_rng_state(), rngs[0]) and random.getstate() == rngs[1]
     assert np.array_equal(np.random.get_state()[1], rngs[2])
     assert t.model.training  # mode restored: dropout stays on for the next step

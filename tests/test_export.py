@@ -12,13 +12,12 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import evertrain, write_config
+from conftest import evertrain, resumed_trainer, write_config
 from evertrain.checkpoint import CheckpointError, read_checkpoint
-from evertrain.config import load_config
+from evertrain.config import config_from_json, load_config
 from evertrain.export import EXPORT_MANIFEST, export_run
 from evertrain.models import load_model
 from evertrain.rng import seed_everything
-from evertrain.trainer import Trainer
 
 PROBE = "The quick brown fox"
 
@@ -38,7 +37,7 @@ def _train(tmp: Path, **sections: Any) -> tuple[Path, Any]:
         )
     )
     run = tmp / "run"
-    t = Trainer(cfg, run)
+    t = resumed_trainer(cfg, run)
     t.fit()
     t.close()
     t.model.eval()
@@ -70,8 +69,9 @@ def test_adapter_export_loads_with_peft(lora_run: tuple[Path, Any], tmp_path: Pa
         == trained.owners["adapter_model"].identity["weights_hash"]
     )
 
-    seed_everything(trained.cfg.seed)
-    base = load_model(trained.cfg.model).model
+    cfg = config_from_json(trained.ckpt.config)
+    seed_everything(cfg.seed)
+    base = load_model(cfg.model).model
     peft_model = PeftModel.from_pretrained(base, str(out)).eval()
     ids = _ids(trained.tokenizer)
     with torch.no_grad():

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import evertrain, write_config
+from conftest import evertrain, resumed_trainer, write_config
 from evertrain.checkpoint import read_checkpoint
 from evertrain.config import RunConfig, load_config
 from evertrain.data import build_datasets
@@ -21,7 +21,6 @@ from evertrain.importers import ImportHFError, import_hf_checkpoint
 from evertrain.importers.hf_trainer import safe_torch_load
 from evertrain.models import load_model, trainable_parameters
 from evertrain.rng import seed_everything
-from evertrain.trainer import Trainer
 
 HF_STEPS = 3
 MORE_STEPS = 7
@@ -137,7 +136,7 @@ def test_import_round_trip_and_training_continues(hf_run: Any, tmp_path: Path) -
 
     # evertrain continues from the imported state: the optimizer's step counts go on
     # from the Trainer's (a fresh optimizer would count only the new steps)
-    t = Trainer(cfg, run)
+    t = resumed_trainer(cfg, run)
     assert t.progress.global_step == HF_STEPS
     assert t.fit() == "done"
     t.close()

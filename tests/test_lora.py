@@ -8,12 +8,11 @@ from pathlib import Path
 
 import torch
 
-from conftest import train_losses, write_config
+from conftest import resumed_trainer, train_losses, write_config
 from evertrain.checkpoint import read_checkpoint
 from evertrain.config import load_config
 from evertrain.models import load_model
 from evertrain.rng import seed_everything
-from evertrain.trainer import Trainer
 from test_exact_resume import assert_identical, run_straight_and_interrupted
 
 LORA = {"r": 4, "alpha": 8.0, "dropout": 0.1}
@@ -35,7 +34,7 @@ def test_lora_trains_only_the_adapter_and_loads_with_peft(tmp_path: Path) -> Non
             checkpoint={"every_steps": 10},
         )
     )
-    t = Trainer(cfg, tmp_path / "run")
+    t = resumed_trainer(cfg, tmp_path / "run")
     base_before = {
         n: p.detach().clone() for n, p in t.model.named_parameters() if not p.requires_grad
     }

@@ -26,9 +26,10 @@ SCRIPT = textwrap.dedent(
     before = dict(os.environ)
     import evertrain
     from evertrain.config import load_config
-    from evertrain.trainer import Trainer
+    from evertrain.recipe import build_trainer
 
-    trainer = Trainer(load_config(sys.argv[1]), sys.argv[2])
+    trainer = build_trainer(load_config(sys.argv[1]), sys.argv[2])
+    trainer.resume()
     trainer.close()
     after = dict(os.environ)
     import huggingface_hub.constants

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import resumed_trainer
 from evertrain.checkpoint import read_checkpoint
 from evertrain.config import load_config
 from evertrain.data.pydoc import write_pydoc_files
 from evertrain.evaluate import evaluate_trainer
-from evertrain.trainer import Trainer
 
 pytestmark = [
     pytest.mark.slow,
@@ -53,7 +53,7 @@ def test_smollm2_lora_trains_checkpoints_and_evaluates(tmp_path: Path) -> None:
             "checkpoint": {"every_steps": STEPS},
         }
     )
-    t = Trainer(cfg, tmp_path / "run")
+    t = resumed_trainer(cfg, tmp_path / "run")
     before = t.evaluate()["val_loss"]
     # a pretrained model on English prose: far below uniform over 49152 tokens (10.8 nats)
     assert 0.5 < before < 6.0
@@ -79,6 +79,6 @@ def test_smollm2_lora_trains_checkpoints_and_evaluates(tmp_path: Path) -> None:
     for name, p in reloaded.items():
         assert torch.equal(p.detach(), adapter[name]), name
 
-    rep = evaluate_trainer(t, prompts=['The "for" statement is used to'], max_new_tokens=8)
+    rep = evaluate_trainer(t, cfg, prompts=['The "for" statement is used to'], max_new_tokens=8)
     assert rep.val_loss is not None and rep.generations[0].new_tokens > 0
     assert (tmp_path / "run" / "eval" / f"step-{STEPS:08d}.txt").is_file()

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import train_losses, write_config
+from conftest import resumed_trainer, train_losses, write_config
 from evertrain.config import load_config
 from evertrain.state import StateError
 from evertrain.trainer import ResumeError, Trainer
 
 
 def _trainer(tmp_path: Path, run: str = "run", **cfg: object) -> Trainer:
-    return Trainer(load_config(write_config(tmp_path, **cfg)), tmp_path / run)
+    return resumed_trainer(load_config(write_config(tmp_path, **cfg)), tmp_path / run)
 
 
 def test_save_clobber_load_restores_every_tensor(tmp_path: Path) -> None:
@@ -78,12 +78,12 @@ def test_resume_does_not_touch_consumed_examples(tmp_path: Path) -> None:
     assert resumed.progress.global_step == 25
     assert resumed.cursor.examples_seen > len(resumed.train_ds)  # past an epoch
     resumed.train_ds.getitem_calls = 0
-    next(resumed._batches())
+    next(resumed.batches())
     assert resumed.train_ds.getitem_calls == 4
     resumed.close()
     fresh = _trainer(tmp_path, run="fresh", **cfg)
     fresh.train_ds.getitem_calls = 0
-    next(fresh._batches())
+    next(fresh.batches())
     assert fresh.train_ds.getitem_calls == 4
     fresh.close()
 
@@ -95,7 +95,7 @@ def test_breaking_config_change_is_refused_on_resume(tmp_path: Path) -> None:
     with pytest.raises(ResumeError, match="train.micro_batch_size"):
         _trainer(tmp_path, train={"micro_batch_size": 2})
     # allowed with the flag, and a non-breaking change (eval cadence) passes silently
-    ok = Trainer(
+    ok = resumed_trainer(
         load_config(write_config(tmp_path, train={"eval_every_steps": 7})), tmp_path / "run"
     )
     assert ok.progress.global_step == 5

@@ -15,10 +15,7 @@ Checkpointer per run directory per rank; under torchrun every rank builds one (a
 from __future__ import annotations
 
 import logging
-import os
-import platform
 import signal
-import sys
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
@@ -27,7 +24,6 @@ from typing import Any
 
 import torch
 
-from evertrain import __version__
 from evertrain.checkpoint import (
     CheckpointInfo,
     CheckpointManager,
@@ -39,7 +35,7 @@ from evertrain.checkpoint import (
 from evertrain.checkpoint.ranks import choose_checkpoint, rank_owner, save_ranked, saved_world_size
 from evertrain.config import diff_configs
 from evertrain.config_json import config_to_json
-from evertrain.distributed import Group, NullMetricsLog
+from evertrain.distributed import Group, NullMetricsLog, current_group
 from evertrain.metrics import MetricsLog
 from evertrain.owners import (
     ModuleState,
@@ -52,6 +48,7 @@ from evertrain.progress import Progress
 from evertrain.rng import RNGState
 from evertrain.signals import on_stop_signals
 from evertrain.state import StateError
+from evertrain.versions import versions
 
 log = logging.getLogger("evertrain")
 
@@ -64,51 +61,6 @@ RESERVED = frozenset(
 
 class ResumeError(RuntimeError):
     """A run directory cannot be resumed as asked (the message says why and what to do)."""
-
-
-def versions() -> dict[str, Any]:
-    """Library versions that affect bit-exactness, stored in every checkpoint
-    (``transformers`` only when the process has imported it)."""
-    import numpy
-    import safetensors
-
-    out: dict[str, Any] = {
-        "version": 1,
-        "evertrain": __version__,
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "safetensors": safetensors.__version__,
-        "python": platform.python_version(),
-    }
-    if "transformers" in sys.modules:
-        out["transformers"] = sys.modules["transformers"].__version__
-    return out
-
-
-def current_group() -> Group:
-    """This process's place in the run, from the default process group if the caller
-    initialised one, else a single process.
-
-    Raises:
-        ResumeError: torchrun started several processes but no process group exists yet.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        backend = str(dist.get_backend())
-        device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if backend == "nccl"
-            else torch.device("cpu")
-        )
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        return Group(dist.get_world_size(), dist.get_rank(), local, device, backend)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ResumeError(
-            f"WORLD_SIZE={os.environ['WORLD_SIZE']}: call torch.distributed."
-            f"init_process_group() before building the Checkpointer"
-        )
-    return Group()
 
 
 class Checkpointer:
@@ -152,12 +104,15 @@ class Checkpointer:
             (owners of ranks that no longer exist are dropped); when None it is refused.
         summary: called at each save; its JSON fields are added to the manifest summary
             (a ``"metrics"`` field replaces the last ``step()`` metrics there).
+        group: this process's place in the run (default: from the initialised default
+            process group, else one process).
 
     Raises:
         TypeError: an owner without ``state_dict``/``load_state_dict``, an optimizer without
             a model, a bad or reserved ``extra`` name.
         evertrain.config_json.ConfigTypeError: ``config`` holds a value JSON cannot store.
-        ResumeError: several torchrun processes but no process group.
+        evertrain.distributed.DistributedError: several torchrun processes but no process
+            group.
     """
 
     def __init__(
@@ -182,6 +137,7 @@ class Checkpointer:
         per_rank: Collection[str] = PER_RANK,
         rank_state: Callable[[str, Mapping[str, Any]], dict[str, Any]] | None = None,
         summary: Callable[[], Mapping[str, Any]] | None = None,
+        group: Group | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.owners: dict[str, Any] = {}
@@ -214,7 +170,7 @@ class Checkpointer:
         self.owners["rng"] = RNGState()  # restored last: nothing may draw after it
         self.config = None if config is None else config_to_json(config)
         self.allow_config_change = allow_config_change
-        self.group = current_group()
+        self.group = current_group() if group is None else group
         self.async_save = async_save
         self.per_rank = tuple(n for n in per_rank if n in self.owners)
         self.rank_state = rank_state
@@ -236,6 +192,7 @@ class Checkpointer:
         self._save_pending = False
         self._closed = False
         self._chose = False
+        self._overrides: dict[str, dict[str, Any]] = {}
         self._chosen: CheckpointInfo | None = None
 
     # ------------------------------------------------------------------ resume
@@ -262,6 +219,31 @@ class Checkpointer:
             self._chosen = choose_checkpoint(root, self.group, log.warning)
             self._chose = True
         return self._chosen
+
+    def use_checkpoint(self, info: CheckpointInfo | None) -> None:
+        """Make :meth:`resume` restore ``info``, a checkpoint already chosen with
+        :func:`~evertrain.checkpoint.ranks.choose_checkpoint` (by every rank), instead of
+        choosing again: for a caller that must read the checkpoint's summary before it
+        can build its owners (the batch split of a resume on another world size)."""
+        self._chosen, self._chose = info, True
+
+    def override_state(self, name: str, state: dict[str, Any]) -> None:
+        """Save ``state`` as owner ``name``'s state at every later save instead of asking
+        the owner, which is left as it is: for a state that must be checkpointed but not
+        applied to this process (an RNG state imported from another trainer).
+
+        Raises:
+            KeyError: no owner ``name``.
+        """
+        if name not in self.owners:
+            raise KeyError(f"no owner {name!r}; the owners are {sorted(self.owners)}")
+        self._overrides[name] = state
+
+    @property
+    def stop_requested(self) -> str | None:
+        """The name of the stop signal received inside :meth:`stop_on_signals` on this
+        rank (``"SIGTERM"``, ``"SIGINT"``), else None."""
+        return self._signal
 
     def start_fresh(self) -> None:
         """Begin at global_step 0 although the run directory has checkpoints (they are kept;
@@ -293,8 +275,8 @@ class Checkpointer:
             if any((self.run_dir / "checkpoints").glob("step-*")):
                 raise ResumeError(
                     f"{self.run_dir}: has checkpoint directories but none verifies (see the "
-                    f"warnings above); run `evertrain verify {self.run_dir}`, or use a new run "
-                    f"directory"
+                    f"warnings above); run `evertrain verify {self.run_dir}`, or start over "
+                    f"(`evertrain train --fresh` keeps the damaged ones)"
                 )
             self.start_fresh()
             return 0
@@ -456,7 +438,7 @@ class Checkpointer:
         self.metrics.sync()
         rank, step = self.group.rank, self.progress.global_step
         states = {
-            name: owner.state_dict()
+            name: self._overrides[name] if name in self._overrides else owner.state_dict()
             for name, owner in self.owners.items()
             if rank == 0 or name in self.per_rank
         }

@@ -14,7 +14,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
+
+# causal: a decoder-only LM (AutoModelForCausalLM); seq2seq: an encoder-decoder model
+# (AutoModelForSeq2SeqLM, e.g. T5) trained on prompt -> completion pairs.
+ModelKind = Literal["causal", "seq2seq"]
 
 
 class ConfigError(ValueError):
@@ -28,7 +41,10 @@ class _Section(BaseModel):
 
 
 class TinyModelConfig(_Section):
-    """Shape of the built-in random-init Llama-architecture test model."""
+    """Shape of the built-in random-init test model: Llama (``model.kind: causal``) or T5
+    (``model.kind: seq2seq``: ``d_model`` = hidden_size, ``d_ff`` = intermediate_size,
+    ``num_layers`` encoder and decoder blocks; ``max_position_embeddings`` is unused, T5
+    has relative positions)."""
 
     hidden_size: int = Field(64, gt=0)
     num_layers: int = Field(2, gt=0)
@@ -42,15 +58,38 @@ class ModelConfig(_Section):
 
     ``source``: ``tiny`` (built-in random-init test model), ``smollm2-135m`` (bundled real
     model), a local Hugging Face model directory, or a local ``.gguf`` file.
+
+    ``kind``: ``causal`` (default; ``AutoModelForCausalLM``) or ``seq2seq``
+    (``AutoModelForSeq2SeqLM``: an encoder-decoder such as T5, from ``tiny`` or a local
+    Hugging Face directory; trains on ``prompt_completion`` data, one pair per row, so
+    ``data.packing`` is off). Dumped only when ``seq2seq``, so a causal run's stored config
+    is what it was before the key existed.
     """
 
     source: str = "tiny"
+    kind: ModelKind = "causal"
     dtype: Literal["float32", "bfloat16"] = "float32"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # attention dropout of the tiny model
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
     cache_dir: str | None = None  # converted-model cache; default ~/.cache/evertrain/models
     num_threads: int | None = Field(None, gt=0)  # torch.set_num_threads; None = torch default
     compile: bool = False  # torch.compile the model (checkpoints keep the original names)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Configs are stored in checkpoints and diffed on resume: a causal run written
+        # before model.kind existed must read back without a difference.
+        out = handler(self)
+        if isinstance(out, dict) and out.get("kind") == "causal":
+            del out["kind"]
+        return out  # type: ignore[no-any-return]
+
+    def target_tokens(self, labels: Any) -> int:
+        """Labels of a batch this kind of model scores: see
+        :func:`evertrain.data.target_tokens` (``labels``: ``long [batch, seq_len]``)."""
+        from evertrain.data.pack import target_tokens
+
+        return target_tokens(labels, self.kind)
 
 
 class LoraConfig(_Section):
@@ -74,6 +113,14 @@ class DataConfig(_Section):
     num_workers: int = Field(0, ge=0)
     on_bad_record: Literal["fail", "skip"] = "fail"
     cache_dir: str | None = None  # tokenised-data cache; None = no cache
+    # model.kind, copied in by RunConfig (not a key of its own): how documents become rows
+    _model_kind: ModelKind = PrivateAttr("causal")
+
+    @property
+    def model_kind(self) -> ModelKind:
+        """``model.kind`` of the run config this section belongs to (``causal`` for a
+        section built on its own): seq2seq rows are encoder input + decoder target."""
+        return self._model_kind
 
 
 class ScheduleConfig(_Section):
@@ -198,7 +245,32 @@ class RunConfig(_Section):
                 f"train.schedule.warmup_steps ({s.warmup_steps}) exceeds "
                 f"train.max_steps ({self.train.max_steps})"
             )
+        self.data._model_kind = self.model.kind
+        if self.model.kind == "seq2seq":
+            self._check_seq2seq()
         return self
+
+    def _check_seq2seq(self) -> None:
+        m, d = self.model, self.data
+        if m.source == "smollm2-135m" or m.source.endswith(".gguf"):
+            raise ValueError(
+                f"model.kind: seq2seq needs model.source tiny or a local Hugging Face "
+                f"encoder-decoder directory; {m.source!r} is a causal model"
+            )
+        if d.format in ("text", "messages"):
+            raise ValueError(
+                f"data.format: {d.format!r} has no encoder input for a seq2seq model; use "
+                f"prompt_completion records (prompt -> encoder, completion -> decoder)"
+            )
+        if d.packing:
+            # Only an explicit "packing: true" is an error: the default (true, for causal
+            # models) gives way, so a seq2seq config need not mention packing at all.
+            if "packing" in d.model_fields_set:
+                raise ValueError(
+                    "data.packing: a seq2seq model trains one prompt/completion pair per "
+                    "row; set data.packing: false (or leave it out)"
+                )
+            d.packing = False
 
     def to_json(self) -> dict[str, Any]:
         """The resolved config as plain JSON types (what checkpoints store)."""
@@ -210,13 +282,17 @@ class RunConfig(_Section):
 
 def _format_error(err: ValidationError, origin: str) -> ConfigError:
     first = err.errors()[0]
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    if not first["loc"] and first["type"] == "value_error":
+        # RunConfig's cross-section checks name their keys themselves; the input would be
+        # the whole config.
+        return ConfigError(f"{origin}: {first['ctx']['error']}{more}")
     path = ".".join(str(p) for p in first["loc"]) or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key (check the spelling; see examples/tiny.yaml for the valid keys)"
     elif "input" in first and first["type"] != "missing":
         msg = f"{msg} (got {first['input']!r})"
-    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return ConfigError(f"{origin}: {path}: {msg}{more}")
 
 
@@ -344,6 +420,7 @@ def config_from_json(data: dict[str, Any]) -> RunConfig:
 BREAKING_PREFIXES = (
     "seed",
     "model.source",
+    "model.kind",
     "model.dtype",
     "model.tiny",
     "model.dropout",

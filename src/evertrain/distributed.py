@@ -222,6 +222,30 @@ class Group:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def current_group() -> Group:
+    """This process's place in the run, from the default process group if the caller
+    initialised one, else a single process.
+
+    Raises:
+        DistributedError: torchrun started several processes but no process group exists yet.
+    """
+    if dist.is_available() and dist.is_initialized():
+        backend = str(dist.get_backend())
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if backend == "nccl"
+            else torch.device("cpu")
+        )
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return Group(dist.get_world_size(), dist.get_rank(), local, device, backend)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DistributedError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']}: call torch.distributed."
+            f"init_process_group() before building the Checkpointer"
+        )
+    return Group()
+
+
 def _env_int(env: dict[str, str], key: str) -> int:
     try:
         return int(env[key])
@@ -341,7 +365,7 @@ def wrap_model(model: torch.nn.Module, group: Group) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=ids, **options)
 
 
-def no_sync(module: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager[Any]:
+def no_sync(module: Any, last: bool) -> contextlib.AbstractContextManager[Any]:
     """Skip DDP's gradient all-reduce on accumulation micro-steps other than the ``last``
     (gradients accumulate locally; the last backward reduces their sum once)."""
     if last or not hasattr(module, "no_sync"):

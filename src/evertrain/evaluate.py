@@ -11,8 +11,10 @@ written as a report into the run directory.
 The held-out loss is computed exactly as :meth:`evertrain.trainer.Trainer.evaluate` does:
 the split's rows in order, ``train.micro_batch_size`` at a time (at most
 ``train.eval_max_batches`` batches), each batch's token-mean cross-entropy (nats) weighted
-by its labelled tokens after the causal shift; perplexity is ``exp(loss)``. So the report
-of step N equals the ``eval`` line the trainer logged at step N.
+by its labelled tokens (after the causal shift; every label for ``model.kind: seq2seq``,
+see :func:`evertrain.data.target_tokens`); perplexity is ``exp(loss)``. So the report of
+step N equals the ``eval`` line the trainer logged at step N. A seq2seq model's
+generations are the decoder's output for the prompt as encoder input.
 
 Report JSON (``format_version`` 1): ``{"format_version", "label", "global_step",
 "checkpoint" (path or null), "model": {"base": identity, "lora": {...} | null, "dtype"},
@@ -36,6 +38,8 @@ from typing import Any
 import torch
 
 from evertrain.checkpoint.format import step_dir_name
+from evertrain.config import RunConfig
+from evertrain.data.pack import target_tokens
 
 # Beginnings in the style of CPython's reference documentation (the main job's data), so
 # the change a pydoc fine-tune makes is visible; override with --prompt.
@@ -140,17 +144,20 @@ def heldout_loss(
     max_batches: int | None = None,
     device: torch.device | None = None,
     precision: str = "fp32",
+    kind: str = "causal",
 ) -> tuple[float | None, int, int]:
     """Token-weighted mean cross-entropy over ``dataset`` (see the module docstring).
 
     Args:
-        model: a causal LM taking ``input_ids``, ``labels``, ``attention_mask``.
+        model: a causal LM (or, ``kind="seq2seq"``, an encoder-decoder) taking
+            ``input_ids``, ``labels``, ``attention_mask``.
         dataset: rows of ``{"input_ids", "labels", "attention_mask"}``, each
             ``long [seq_len]`` (a :class:`evertrain.data.TokenizedDataset`).
         micro_batch_size: rows per forward pass.
         max_batches: score only the first this many batches.
         device: where the model is (default: its first parameter's device).
         precision: ``"bf16"`` runs under bfloat16 autocast, as training does.
+        kind: ``model.kind``: which labels count as scored tokens.
 
     Returns:
         ``(loss in nats/token or None when no token was scored, rows scored, tokens
@@ -167,20 +174,25 @@ def heldout_loss(
             batch = {k: torch.stack([r[k] for r in items]).to(device) for k in items[0]}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 loss = model(**batch).loss
-            n = int((batch["labels"][:, 1:] != -100).sum())
+            n = target_tokens(batch["labels"], kind)
             total, count, rows = total + float(loss) * n, count + n, rows + len(items)
     if count == 0:
         return None, rows, 0
     return total / count, rows, count
 
 
-def _prompt_ids(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
+def _prompt_ids(tokenizer: Any, prompt: str, chat: bool, kind: str = "causal") -> list[int]:
     """Token ids of ``prompt`` as training tokenised its documents (see
     :mod:`evertrain.data.encode`): ``[bos] + tokens`` for text; for chat data the prompt
-    as one user turn followed by the template's generation prompt."""
+    as one user turn followed by the template's generation prompt; for a seq2seq model
+    the encoder input ``[bos] + tokens + [eos]``."""
     from evertrain.data.encode import FALLBACK_GENERATION_PROMPT, FALLBACK_TEMPLATE, Encoder
+    from evertrain.data.formats import Document
 
     enc = Encoder(tokenizer)
+    if kind == "seq2seq":
+        doc = Document("", 0, "line", "prompt_completion", prompt=prompt, completion=".")
+        return enc.encode_seq2seq([doc])[0][0]
     if chat:
         if enc.chat_template:
             text = tokenizer.apply_chat_template(
@@ -203,13 +215,17 @@ def generate_samples(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     chat: bool = False,
     device: torch.device | None = None,
+    kind: str = "causal",
 ) -> list[Generation]:
     """Greedy continuations (``do_sample=False``: deterministic, no RNG) of each prompt.
 
     Generation stops at the tokenizer's eos or after ``max_new_tokens`` tokens; special
-    tokens are dropped from the decoded text.
+    tokens are dropped from the decoded text. ``kind="seq2seq"``: the prompt is the
+    encoder input and the completion what the decoder generates.
     """
     from transformers import GenerationConfig
+
+    from evertrain.models import unwrap
 
     if device is None:
         device = next(model.parameters()).device
@@ -219,14 +235,20 @@ def generate_samples(
     gen_cfg = GenerationConfig(
         do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos
     )
+    # the decoder's output starts with its start token, not with the prompt
+    skip: int | None = None
+    if kind == "seq2seq":
+        start = getattr(unwrap(model).config, "decoder_start_token_id", None)
+        gen_cfg.decoder_start_token_id = pad if start is None else start
+        skip = 1
     out = []
     with _eval_mode(model), torch.no_grad():
         for prompt in prompts:
-            ids = torch.tensor([_prompt_ids(tokenizer, prompt, chat)], device=device)
+            ids = torch.tensor([_prompt_ids(tokenizer, prompt, chat, kind)], device=device)
             seq = model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg
             )
-            new = seq[0, ids.shape[1] :].tolist()
+            new = seq[0, ids.shape[1] if skip is None else skip :].tolist()
             text = tokenizer.decode(new, skip_special_tokens=True)
             out.append(Generation(prompt=prompt, completion=text, new_tokens=len(new)))
     return out
@@ -247,10 +269,12 @@ def evaluate_model(
     model_info: dict[str, Any] | None = None,
     checkpoint: str | None = None,
     label: str | None = None,
+    kind: str = "causal",
 ) -> EvalReport:
     """Held-out loss of ``model`` on ``dataset`` (None: skipped) and greedy generations.
 
-    Draws no random numbers; the model's train/eval mode is restored afterwards.
+    ``kind``: ``model.kind`` (``"causal"`` or ``"seq2seq"``). Draws no random numbers; the
+    model's train/eval mode is restored afterwards.
     """
     t0 = time.perf_counter()
     loss, rows, tokens = (None, 0, 0)
@@ -261,8 +285,11 @@ def evaluate_model(
             micro_batch_size=micro_batch_size,
             max_batches=max_batches,
             precision=precision,
+            kind=kind,
         )
-    gens = generate_samples(model, tokenizer, prompts, max_new_tokens=max_new_tokens, chat=chat)
+    gens = generate_samples(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, chat=chat, kind=kind
+    )
     return EvalReport(
         global_step=global_step,
         val_loss=loss,
@@ -317,6 +344,7 @@ def _model_info(cfg: Any, identity: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate_trainer(
     trainer: Any,
+    cfg: RunConfig,
     *,
     dataset: Any = None,
     prompts: Sequence[str] = DEFAULT_PROMPTS,
@@ -327,7 +355,8 @@ def evaluate_trainer(
     """Evaluate a live trainer's model at its current global_step (the daemon's hook).
 
     Args:
-        trainer: an :class:`evertrain.trainer.Trainer`.
+        trainer: an :class:`evertrain.trainer.Trainer` built from ``cfg``.
+        cfg: the run config (model description and chat rendering).
         dataset: held-out rows; default ``trainer.val_ds`` (None when the trainer has no
             data of its own: then only generations are made).
         prompts: prompts for the greedy generations.
@@ -339,10 +368,9 @@ def evaluate_trainer(
     Draws no random numbers and restores the model's train/eval mode, so training may
     continue bit-exactly afterwards.
     """
-    cfg = trainer.cfg
     ds = dataset if dataset is not None else getattr(trainer, "val_ds", None)
     if chat is None:
-        chat = _is_chat(getattr(trainer, "data_report", None))
+        chat = cfg.data.format == "messages"
     last = trainer.checkpoints.committed()
     at_step = [i for i in last if i.global_step == trainer.progress.global_step]
     report = evaluate_model(
@@ -358,6 +386,7 @@ def evaluate_trainer(
         precision=cfg.train.precision,
         model_info=_model_info(cfg, trainer.owners[trainer.model_owner].identity),
         checkpoint=str(at_step[0].path) if at_step else None,
+        kind=cfg.model.kind,
     )
     if write:
         write_eval_report(trainer.run_dir, report)
@@ -397,7 +426,7 @@ def evaluate_run(
         evertrain.state.StateError, evertrain.models.ModelSourceError: the base model
             cannot be rebuilt as trained.
     """
-    from evertrain.config import RunConfig, load_config
+    from evertrain.config import load_config
     from evertrain.data import build_datasets
     from evertrain.restore import preserved_rng, restore_model
 
@@ -423,7 +452,7 @@ def evaluate_run(
         cfg, model, tok = restored.config, restored.model, restored.tokenizer
         identity, global_step = restored.identity, restored.global_step
         ckpt = str(restored.checkpoint)
-    from evertrain.trainer import resolve_device
+    from evertrain.distributed import resolve_device
 
     model.to(resolve_device(cfg.train.device))
     val, data_report = None, None
@@ -443,6 +472,7 @@ def evaluate_run(
         model_info=_model_info(cfg, identity),
         checkpoint=ckpt,
         label="untrained (config)" if config is not None else None,
+        kind=cfg.model.kind,
     )
     if write:
         write_eval_report(run_dir, report)

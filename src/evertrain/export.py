@@ -7,7 +7,8 @@ Two layouts, both loadable offline without evertrain:
   ``PeftModel.from_pretrained(base, DIR)``;
 - **merged** (LoRA runs with ``merge``) or **full** (full fine-tuning runs, always):
   ``config.json``, ``model.safetensors`` and the tokenizer files, for
-  ``AutoModelForCausalLM.from_pretrained(DIR)`` and ``AutoTokenizer.from_pretrained(DIR)``.
+  ``AutoModelForCausalLM.from_pretrained(DIR)`` (``AutoModelForSeq2SeqLM`` for a
+  ``model.kind: seq2seq`` run) and ``AutoTokenizer.from_pretrained(DIR)``.
 
 Every export also holds ``evertrain_export.json`` (format below), saying which run, step and
 base model it came from. The model is rebuilt from the config stored in the checkpoint

@@ -6,12 +6,13 @@ from typing import Any
 
 import torch
 
-from evertrain.models import load_trainable_state, trainable_state
+from evertrain.models import adapter_config, load_trainable_state, trainable_state
 from evertrain.state import StateError, check_version
 
 # What makes two base models the same for a resume: not the path they were loaded from
-# (a moved directory is still the same model), but the architecture and the weights' hash.
-IDENTITY_KEYS = ("format", "model_type", "weights_hash")
+# (a moved directory is still the same model), but the architecture, the weights' hash and
+# the model kind. A causal identity has no "kind" (None), as in checkpoints made before it.
+IDENTITY_KEYS = ("format", "model_type", "weights_hash", "kind")
 
 
 class ModelState:
@@ -54,9 +55,26 @@ class ModelState:
         saved = {k: state["identity"].get(k) for k in IDENTITY_KEYS}
         now = {k: self.identity.get(k) for k in IDENTITY_KEYS}
         if saved != now:
+            shown = [{k: v for k, v in d.items() if v is not None} for d in (saved, now)]
             raise StateError(
-                f"model: checkpoint was trained on base {saved}, the config loads "
-                f"{now}; use the same model.source as the checkpoint"
+                f"model: checkpoint was trained on base {shown[0]}, the config loads "
+                f"{shown[1]}; use the same model.source and model.kind as the checkpoint"
             )
         tensors = {k: v for k, v in state.items() if k not in ("version", "identity")}
         load_trainable_state(self.model, tensors)
+
+
+class AdapterConfigState:
+    """Owner of ``adapter_config.json``: PEFT's description of the LoRA adapter, saved next
+    to ``adapter_model.safetensors`` so a checkpoint directory loads as-is with
+    ``PeftModel.from_pretrained(base, checkpoint_dir)``. Derived from the model, so loading
+    it changes nothing (the adapter's shapes are checked by :class:`ModelState`)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return adapter_config(self.model)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -35,6 +35,15 @@ class Progress:
     def record_loss(self, loss: float) -> None:
         self.recent_losses = (self.recent_losses + [loss])[-RECENT:]
 
+    def track_best(self, value: float | None, mode: str) -> None:
+        """Record ``value`` (an eval metric at :attr:`global_step`) as the best so far if it
+        is better (``mode`` ``"min"`` or ``"max"``) than :attr:`best_metric`."""
+        if value is None:
+            return
+        best = self.best_metric
+        if best is None or (value < best if mode == "min" else value > best):
+            self.best_metric, self.best_step = value, self.global_step
+
     def state_dict(self) -> dict[str, Any]:
         return {"version": self.VERSION, **asdict(self)}
 

@@ -1,397 +1,308 @@
-"""The training loop, and the wiring of every state owner into one checkpointable run.
+"""The one training loop: :class:`Trainer` takes a model, an optimizer, an LR scheduler and
+data, and saves and resumes through a :class:`~evertrain.checkpointer.Checkpointer`.
+
+``evertrain train`` and ``evertrain watch`` build it from YAML (:mod:`evertrain.recipe`);
+the daemon and its torchrun followers drive the same :meth:`Trainer.run` /
+:meth:`Trainer.train_step` with hooks. Nothing outside this module sets its attributes.
 
 Exactness contract: a run resumed from any committed checkpoint produces bit-identical
-weights, optimizer state and per-step losses to a run that never stopped. It holds because
-(1) every piece of state has one owner that is checkpointed (model, optimizer, scheduler,
-data_cursor, rng, progress); (2) the LR and the data order are pure functions of
-global_step and (seed, epoch); (3) nothing between two checkpoints draws from a global RNG
-except the training step itself (data loaders get their own generator, eval disables
-dropout); (4) checkpoints are taken only between optimizer steps.
+weights, optimizer state and per-step losses to a run that never stopped, because (1)
+every piece of state has one owner that is checkpointed; (2) the data order is a pure
+function of (seed, epoch) and the LR of global_step (or the scheduler's saved state);
+(3) nothing between two checkpoints draws from a global RNG except the training step
+itself (data loaders get their own generator, eval disables dropout); (4) checkpoints are
+taken only between optimizer steps.
 
-Process-safety: one trainer per run directory (the ``watch`` daemon holds a file lock);
-under torchrun one per rank, in lockstep (see :mod:`evertrain.distributed`): rank 0 writes
-the metrics and commits checkpoints, every rank writes its own RNG state.
+Process-safety: one trainer per run directory; under torchrun one per rank, in lockstep:
+rank 0 writes the metrics and commits checkpoints, every rank writes its own RNG state.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
-import platform
-import signal
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from evertrain import __version__, distributed
-from evertrain.batching import grad_accum_for_resume
-from evertrain.checkpoint import (
-    CheckpointManager,
-    InsufficientDiskSpaceError,
-    SavePolicy,
-    retention_from_config,
-)
-from evertrain.checkpoint.ranks import choose_checkpoint, rng_state_for_rank, save_ranked
-from evertrain.config import ConfigError, RunConfig, breaking_changes, diff_configs
-from evertrain.data import DataCursor, build_datasets, make_loader
+from evertrain import distributed
+from evertrain.checkpoint import CheckpointInfo, retention_from_config
+from evertrain.checkpointer import Checkpointer, ResumeError
+from evertrain.config import CheckpointConfig, ConfigError
+from evertrain.data import DataCursor, make_loader
+from evertrain.data.loader import dataset_fingerprint
 from evertrain.faults import maybe_crash
 from evertrain.metrics import MetricsLog
-from evertrain.model_state import ModelState
-from evertrain.models import adapter_config, load_model, trainable_parameters
-from evertrain.optim import OptimizerState, build_optimizer
+from evertrain.optim import OptimizerState
+from evertrain.owners import ModuleState, ObjectState, named_parameters
 from evertrain.progress import Progress
-from evertrain.rng import RNGState, seed_everything
-from evertrain.schedule import LRScheduler
-from evertrain.signals import on_stop_signals
+from evertrain.train_settings import (
+    LossFn,
+    Rows,
+    StepStats,
+    TrainSettings,
+    causal_lm_loss,
+    count_targets,
+)
+
+__all__ = ["ResumeError", "Rows", "StepStats", "TrainSettings", "Trainer"]
 
 log = logging.getLogger("evertrain")
 
 
-class ResumeError(RuntimeError):
-    """A run directory cannot be resumed as asked (the message says why and what to do)."""
-
-
-def library_versions() -> dict[str, Any]:
-    """Versions that affect bit-exactness; stored in every checkpoint."""
-    import numpy
-    import safetensors
-    import transformers
-
-    return {
-        "version": 1,
-        "evertrain": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": numpy.__version__,
-        "safetensors": safetensors.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-@dataclass
-class StepStats:
-    """What one optimizer step did (the line written to ``metrics.jsonl``)."""
-
-    global_step: int
-    loss: float  # mean of the micro-batch losses (each a token-mean cross-entropy, nats)
-    lr: float
-    grad_norm: float
-    tokens: int  # non-padding input tokens in this step
-    examples: int  # sequences in this step
-    seconds: float
-    epoch: int
-
-
-class _StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop finishes the current optimizer step, saves and
-    returns, so a preemption never loses more than the step in flight."""
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._guard = on_stop_signals(self._handle)
-
-    def __enter__(self) -> _StopFlag:
-        self._guard.__enter__()
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = signal.Signals(signum).name
-
-    def __exit__(self, *exc: object) -> None:
-        self._guard.__exit__(None, None, None)
-
-
 class Trainer:
-    """Builds a run from a config and trains it, resuming from ``RUN/checkpoints``.
+    """Trains ``model`` with ``optimizer`` and ``scheduler`` on ``train_data``, resumably.
+
+    Build it, call :meth:`resume` (or :meth:`start_fresh`), then :meth:`fit` (or drive
+    :meth:`run` / :meth:`train_step` yourself), then :meth:`close`.
 
     Args:
-        cfg: the validated run config.
-        run_dir: run directory (created); holds ``checkpoints/`` and ``metrics.jsonl``.
-        allow_config_change: resume even if a change would break exactness or shapes.
-        fresh: start from step 0 although the run has checkpoints (they are kept).
-        build_data: build ``cfg.data`` into ``train_ds``/``val_ds`` and a ``data_cursor``
-            owner. The ``watch`` daemon passes False and brings its own data owner in
-            ``extra_owners``; ``total_steps`` is then ``train.max_steps`` (may be None).
-        extra_owners: more state owners to checkpoint and restore (before ``rng``).
-        make_scheduler: builds the LR schedule owner (``scheduler``) for the optimizer,
-            before any checkpoint is restored into it; default an
-            :class:`~evertrain.schedule.LRScheduler` of ``train.schedule`` over
-            ``total_steps``. The ``watch`` daemon passes its open-ended schedule.
-        summary_fields: called at each save; its JSON-able fields are added to the
-            checkpoint's manifest summary (default: none).
+        model: the module whose parameters train (its owner saves them; see ``model_owner``).
+        optimizer: any torch optimizer over the model's parameters.
+        scheduler: evertrain's :class:`~evertrain.schedule.LRScheduler` (LR set from
+            global_step before each step) or any torch ``LRScheduler`` (stepped after each
+            optimizer step); None: the optimizer's LR as it is.
+        run_dir: where checkpoints and ``metrics.jsonl`` go.
+        settings: the loop's settings.
+        train_data: map-style dataset of rows (dicts of equal-shape tensors, e.g.
+            ``input_ids``, ``labels``, ``attention_mask``); evertrain's data cursor walks it
+            in a (seed, epoch) order, every row once per epoch. None: the caller feeds
+            :meth:`run` / :meth:`train_step` its own batches.
+        eval_data: held-out rows for :meth:`evaluate`.
+        loss_fn: ``(forward_module, batch) -> scalar loss``; default ``model(**batch).loss``.
+        count_targets: target tokens of a batch, for token-weighted evaluation.
+        checkpoint: save and retention policy.
+        config: stored in every checkpoint and compared on resume (see ``Checkpointer``).
+        allow_config_change: which config changes a resume accepts (see ``Checkpointer``).
+        group: this process's place in a torchrun group (default one process).
+        forward: the module to call (DDP- or compile-wrapped ``model``); default ``model``.
+        model_owner: ``(name, owner)`` saving the model; default ``("model",
+            ModuleState(model))`` (every parameter and buffer).
+        named_params: name -> parameter for the optimizer's state; default the model's.
+        owners: more state owners, restored before ``progress`` and ``rng``.
+        data_cursor: the cursor over ``train_data`` (default: a new one at the start).
+        total_steps: the run's length when known otherwise (default from settings/data).
+        resume_from: a checkpoint already chosen collectively (see
+            :meth:`Checkpointer.use_checkpoint`).
+        rank_state: derives a per-rank state the checkpoint lacks (see ``Checkpointer``).
+        summary_fields: extra JSON fields for each checkpoint's manifest summary.
+        tokenizer: kept for callers that decode or build data (not used by the loop).
 
     Raises:
-        ResumeError: the run has checkpoints but none verifies, or the stored config
-            differs in a breaking way (lists the keys).
-        evertrain.state.StateError: a checkpoint does not fit the model/optimizer/data.
+        ConfigError: ``train_data`` has fewer rows than one global batch.
+        TypeError: an owner without ``state_dict``/``load_state_dict``.
     """
 
     def __init__(
         self,
-        cfg: RunConfig,
-        run_dir: str | Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any = None,
         *,
-        allow_config_change: bool = False,
-        fresh: bool = False,
-        build_data: bool = True,
-        extra_owners: dict[str, Any] | None = None,
-        make_scheduler: Callable[[torch.optim.Optimizer], LRScheduler] | None = None,
-        summary_fields: Callable[[], dict[str, Any]] | None = None,
+        run_dir: str | Path,
+        settings: TrainSettings | None = None,
+        train_data: Rows | None = None,
+        eval_data: Rows | None = None,
+        loss_fn: LossFn = causal_lm_loss,
+        count_targets: Callable[[Mapping[str, torch.Tensor]], int] = count_targets,
+        checkpoint: CheckpointConfig | None = None,
+        config: Any = None,
+        allow_config_change: bool | Callable[[str], bool] = False,
+        group: distributed.Group | None = None,
+        forward: Callable[..., Any] | None = None,
+        model_owner: tuple[str, Any] | None = None,
+        named_params: dict[str, torch.nn.Parameter] | None = None,
+        owners: Mapping[str, Any] | None = None,
+        data_cursor: DataCursor | None = None,
+        total_steps: int | None = None,
+        resume_from: CheckpointInfo | None | bool = False,
+        rank_state: Callable[[str, Mapping[str, Any]], dict[str, Any]] | None = None,
+        summary_fields: Callable[[], Mapping[str, Any]] | None = None,
+        tokenizer: Any = None,
     ) -> None:
-        self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        t = cfg.train
-        seed_everything(cfg.seed)
-        # Under torchrun: join the process group (gloo on CPU, nccl on CUDA); else 1 process.
-        self.dist = distributed.setup(t.device)
+        self.settings = s = settings or TrainSettings()
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.forward = forward or model
+        self.loss_fn, self.count_targets = loss_fn, count_targets
+        self.tokenizer = tokenizer
+        self.dist = group or distributed.Group()
         self.device = self.dist.device
         self.world_size, self.rank = self.dist.world_size, self.dist.rank
-        loaded = load_model(cfg.model, cfg.lora)
-        self.model, self.tokenizer = loaded.model.to(self.device), loaded.tokenizer
-        distributed.seed_rank(cfg.seed, self.dist)  # ranks > 0: their own dropout masks
-        # DDP with several ranks. Checkpoints always name the original module's parameters
-        # (no module. or _orig_mod.).
-        self.ddp = distributed.wrap_model(self.model, self.dist)
-        self.forward = torch.compile(self.ddp) if cfg.model.compile else self.ddp
-        # Chosen before the data: on a different number of processes its global batch
-        # fixes the accumulation.
-        self._resume_info = (
-            None
-            if fresh
-            else choose_checkpoint(self.run_dir / "checkpoints", self.dist, log.warning)
-        )
-        self.grad_accum_steps = grad_accum_for_resume(cfg, self.world_size, self._resume_info)
-        data_owners: dict[str, Any] = {}
-        self.total_steps: int | None = t.max_steps
-        if build_data:
-            self.train_ds, self.val_ds, self.data_report = build_datasets(
-                cfg.data, self.tokenizer, cfg.seed
+        self.grad_accum_steps = s.grad_accum_steps
+        self.train_ds, self.val_ds = train_data, eval_data
+        self.run_dir = Path(run_dir)
+        state_owners: dict[str, Any] = {}
+        name, owner = model_owner or ("model", ModuleState(model))
+        self.model_owner = name
+        state_owners[name] = owner
+        params = named_params if named_params is not None else named_parameters(model)
+        state_owners["optimizer"] = OptimizerState(optimizer, params)
+        if scheduler is not None:
+            stateful_version = hasattr(scheduler, "VERSION")  # an evertrain owner as is
+            state_owners["scheduler"] = (
+                scheduler if stateful_version else ObjectState(scheduler, "scheduler")
             )
-            # The cursor counts optimizer steps' global batches (epoch length, drop_last),
-            # so the data sequence does not depend on the (accumulation x ranks) split.
-            global_batch = t.micro_batch_size * self.grad_accum_steps * self.world_size
-            if len(self.train_ds) < global_batch:
+        self.total_steps = total_steps or s.max_steps
+        self.cursor: DataCursor | None = None
+        if train_data is not None:
+            global_batch = s.micro_batch_size * s.grad_accum_steps * self.world_size
+            if len(train_data) < global_batch:
                 raise ConfigError(
-                    f"data: {len(self.train_ds)} training sequences, fewer than one global "
-                    f"batch ({global_batch} = micro_batch_size {t.micro_batch_size} x "
-                    f"grad_accum_steps {self.grad_accum_steps} x {self.world_size} "
+                    f"data: {len(train_data)} training sequences, fewer than one global "
+                    f"batch ({global_batch} = micro_batch_size {s.micro_batch_size} x "
+                    f"grad_accum_steps {s.grad_accum_steps} x {self.world_size} "
                     f"process(es)); add data or lower train.micro_batch_size or "
                     f"train.grad_accum_steps"
                 )
-            self.cursor = DataCursor(
-                cfg.seed, len(self.train_ds), global_batch, self.train_ds.fingerprint
+            self.cursor = data_cursor or DataCursor(
+                s.seed, len(train_data), global_batch, dataset_fingerprint(train_data)
             )
-            data_owners["data_cursor"] = self.cursor
-            self.total_steps = t.max_steps or max(1, t.epochs * self.cursor.steps_per_epoch)
-        params = trainable_parameters(self.model)
-        self.optimizer = build_optimizer(params, t)
-        self.scheduler = (
-            LRScheduler(self.optimizer, t.schedule, t.lr, self.total_steps)
-            if make_scheduler is None
-            else make_scheduler(self.optimizer)
-        )
-        self.progress, self.rng = Progress(), RNGState()
-        self.model_owner = "adapter_model" if cfg.lora is not None else "model"
-        self.owners: dict[str, Any] = {
-            self.model_owner: ModelState(self.model, loaded.identity),
-            "optimizer": OptimizerState(self.optimizer, params),
-            "scheduler": self.scheduler,
-            **data_owners,
-            **(extra_owners or {}),
-            "progress": self.progress,
-            "rng": self.rng,  # restored last: nothing may draw from the RNGs after it
-        }
-        c = cfg.checkpoint
-        self.checkpoints = CheckpointManager(
-            self.run_dir / "checkpoints",
-            retention_from_config(c),
-            log=log.warning,
+            state_owners["data_cursor"] = self.cursor
+            self.total_steps = (
+                total_steps or s.max_steps or max(1, s.epochs * self.cursor.steps_per_epoch)
+            )
+        state_owners.update(owners or {})
+        self.owners = state_owners
+        self.progress = Progress()
+        c = checkpoint or CheckpointConfig()
+        self.checkpoint_config = c
+        self.ckpt = Checkpointer(
+            self.run_dir,
+            owners=state_owners,
+            progress=self.progress,
+            per_rank=("rng",),
+            rank_state=rank_state,
+            config=config,
+            allow_config_change=allow_config_change,
+            every_steps=c.every_steps,
+            every_seconds=c.every_seconds,
+            keep=retention_from_config(c),
+            async_save=c.async_save,
             min_free_bytes=c.min_free_bytes,
+            summary=self._summary,
+            group=self.dist,
         )
-        self.save_policy = SavePolicy(c.every_steps, c.every_seconds)
-        self.metrics = (
-            MetricsLog(self.run_dir / "metrics.jsonl")
-            if self.rank == 0
-            else distributed.NullMetricsLog()
-        )
+        if resume_from is not False:
+            chosen = resume_from if isinstance(resume_from, CheckpointInfo) else None
+            self.ckpt.use_checkpoint(chosen)
+        self.save_policy = self.ckpt.save_policy
         self.last_eval: dict[str, float] = {}
-        self.summary_fields: Callable[[], dict[str, Any]] = summary_fields or dict
-        # saved instead of asking the owner: a state that must not be applied to this
-        # process (override_owner_state)
-        self._state_overrides: dict[str, dict[str, Any]] = {}
+        self.summary_fields = summary_fields or dict
         self.resumed_from: int | None = None
         self._saved_step: int | None = None
         self._save_pending = False
-        self._resume(allow_config_change, fresh)
+        self.loader: Any = None
         self.on_step: list[Callable[[StepStats], None]] = []
         self.on_step.extend(distributed.debug_hooks(self))
 
     # ------------------------------------------------------------------ resume / save
 
-    def _resume(self, allow_config_change: bool, fresh: bool) -> None:
-        if fresh:
-            self.metrics.rewind(0)
-            return
-        info = self._resume_info
-        if info is None:
-            if self.checkpoints.committed() or any((self.run_dir / "checkpoints").glob("step-*")):
-                raise ResumeError(
-                    f"{self.run_dir}: has checkpoint directories but none verifies (see the "
-                    f"warnings above); run `evertrain verify {self.run_dir}`, or pass --fresh "
-                    f"to start over (existing checkpoints are kept)"
-                )
-            self.metrics.rewind(0)
-            return
-        states = self.checkpoints.load(info).states
-        diffs = diff_configs(states["config"]["config"], self.cfg.to_json())
-        for key, old, new in diffs:
-            log.warning("config changed since checkpoint: %s: %r -> %r", key, old, new)
-        breaking = breaking_changes(diffs)
-        if breaking and not allow_config_change:
-            keys = ", ".join(k for k, _, _ in breaking)
-            raise ResumeError(
-                f"resume refused: changing {keys} breaks exactness or tensor "
-                f"shapes; restore them, or pass --allow-config-change"
+    @property
+    def metrics(self) -> MetricsLog:
+        """``RUN/metrics.jsonl`` (rank 0; a null log elsewhere), open after :meth:`resume`."""
+        if self.ckpt.metrics is None:
+            raise RuntimeError("call Trainer.resume() or start_fresh() first")
+        return self.ckpt.metrics
+
+    @property
+    def checkpoints(self) -> Any:
+        """The run's :class:`~evertrain.checkpoint.CheckpointManager` (listing, loading)."""
+        return self.ckpt.manager
+
+    def resume(self) -> int:
+        """Restore every owner from the newest checkpoint that verifies; return its
+        global_step (0 for a run directory without checkpoints).
+
+        Raises:
+            ResumeError: checkpoints exist but none verifies, or a config change that is not
+                allowed, or a world size a user loop cannot change.
+            evertrain.state.StateError: a checkpoint that does not fit an owner.
+        """
+        step = self.ckpt.resume()
+        info = self.ckpt.last_checkpoint
+        if info is not None:
+            self.resumed_from = self._saved_step = step
+            summary = self.ckpt.latest()
+            self.last_eval = dict(summary.summary.get("metrics", {})) if summary else {}
+            for change in getattr(self.scheduler, "changes", list)():
+                log.warning("LR schedule changed since checkpoint: %s", change)
+            where = (
+                f", epoch {self.cursor.epoch}, example {self.cursor.offset} of the epoch"
+                if self.cursor is not None
+                else ""
             )
-        stored_versions = {k: v for k, v in states["versions"].items() if k != "evertrain"}
-        now_versions = {k: v for k, v in library_versions().items() if k != "evertrain"}
-        if stored_versions != now_versions:
-            log.warning(
-                "library versions differ from the checkpoint's (%s now %s): the "
-                "resumed run may not be bit-identical",
-                stored_versions,
-                now_versions,
-            )
-        # this rank's RNG state (rng_rank<R>; derived for a rank the checkpoint lacks)
-        states["rng"] = rng_state_for_rank(
-            states, rank=self.rank, world_size=self.world_size, seed=self.cfg.seed
-        )
-        for name, owner in self.owners.items():
-            owner.load_state_dict(states[name])
-        for change in self.scheduler.changes():
-            log.warning("LR schedule changed since checkpoint: %s", change)
-        self.metrics.rewind(int(info.summary["metrics_offset"]))
-        self.resumed_from = self._saved_step = self.progress.global_step
-        self.last_eval = dict(info.summary.get("metrics", {}))
-        # A trainer without data of its own (the watch daemon) has no data_cursor: its data
-        # owner reports its own position.
-        where = (
-            f", epoch {self.cursor.epoch}, example {self.cursor.offset} of the epoch"
-            if "data_cursor" in self.owners
-            else ""
-        )
-        log.info("resumed from %s (global_step %d%s)", info.path, self.progress.global_step, where)
+            log.info("resumed from %s (global_step %d%s)", info, step, where)
+        return step
+
+    def start_fresh(self) -> None:
+        """Begin at global_step 0 although the run has checkpoints (they are kept)."""
+        self.ckpt.start_fresh()
+
+    def _summary(self) -> dict[str, Any]:
+        p = self.progress
+        return {
+            "epoch": self.cursor.epoch if self.cursor is not None else None,
+            "examples_seen": p.examples_seen,
+            "tokens_seen": p.tokens_seen,
+            "lr": self.lr_at(max(p.global_step - 1, 0)),
+            "metrics": dict(self.last_eval),
+            # the split of the global batch (a resume on another process count keeps it)
+            "batch": {
+                "world_size": self.world_size,
+                "micro_batch_size": self.settings.micro_batch_size,
+                "grad_accum_steps": self.grad_accum_steps,
+            },
+            **self.summary_fields(),
+        }
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of the step after ``step`` steps (evertrain's schedule), or
+        the optimizer's current LR."""
+        lr_at = getattr(self.scheduler, "lr_at", None)
+        if callable(lr_at):
+            return float(lr_at(step))
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def save(self) -> Path | None:
         """Commit a checkpoint of the current state; ``None`` if skipped for disk space.
 
         With ``checkpoint.async`` the state is only copied here and the checkpoint is
-        committed in the background: the returned directory exists once
-        :meth:`wait_for_checkpoint` (or the next save) returns.
+        committed in the background (see :meth:`wait_for_checkpoint`).
         """
-        self.metrics.sync()
-        # Ranks > 0 save only their own RNG state; rank 0 writes the replicated owners.
-        states = {
-            name: self._state_overrides[name]
-            if name in self._state_overrides
-            else owner.state_dict()
-            for name, owner in self.owners.items()
-            if self.rank == 0 or name in distributed.PER_RANK_OWNERS
-        }
-        states["config"] = {"version": 1, "config": self.cfg.to_json()}
-        states["versions"] = library_versions()
-        if self.cfg.lora is not None:
-            states["adapter_config"] = adapter_config(self.model)
-        summary = {
-            "global_step": self.progress.global_step,
-            "epoch": self.cursor.epoch if "data_cursor" in self.owners else None,
-            "examples_seen": self.progress.examples_seen,
-            "tokens_seen": self.progress.tokens_seen,
-            "lr": self.scheduler.lr_at(max(self.progress.global_step - 1, 0)),
-            "metrics": dict(self.last_eval),
-            "time": time.time(),
-            # bytes of metrics.jsonl up to this step: it depends on timings, so it lives
-            # here and not in the bit-compared progress state
-            "metrics_offset": self.metrics.offset(),
-            # the split of the global batch (a resume on another process count keeps it)
-            "batch": {
-                "world_size": self.world_size,
-                "micro_batch_size": self.cfg.train.micro_batch_size,
-                "grad_accum_steps": self.grad_accum_steps,
-            },
-            **self.summary_fields(),
-        }
-        protect = [] if self.resumed_from is None else [self.resumed_from]
-        c = self.checkpoints
-        save = c.save_async if self.cfg.checkpoint.async_save else c.save
-        if self.world_size > 1:  # every rank writes its part, rank 0 commits (synchronous)
-            save = functools.partial(
-                save_ranked, c, self.dist, async_requested=self.cfg.checkpoint.async_save
-            )
-        try:
-            path = save(self.progress.global_step, states, summary, protect=protect)
-        except InsufficientDiskSpaceError as e:
-            log.warning(
-                "CHECKPOINT SKIPPED at global_step %d: %s; will retry, nothing is "
-                "deleted to make room",
-                self.progress.global_step,
-                e,
-            )
-            return None
-        self.save_policy.mark_saved(self.progress.global_step, time.monotonic())
-        self._saved_step = self.progress.global_step
-        self._log_checkpoint_stats()
+        path = self.ckpt.save()
+        if path is not None:
+            self._saved_step = self.progress.global_step
         return path
 
     def override_owner_state(self, name: str, state: dict[str, Any]) -> None:
-        """Checkpoint ``state`` as owner ``name``'s state in every later :meth:`save`,
-        instead of asking the owner; the owner itself is left as it is. For a state that
-        must be saved but not applied to this process (an imported RNG state).
+        """Checkpoint ``state`` as owner ``name``'s state at every later :meth:`save`
+        instead of asking the owner (left as it is): an imported RNG state.
 
         Raises:
             KeyError: the trainer has no owner ``name``.
         """
-        if name not in self.owners:
-            raise KeyError(f"no owner {name!r}; the owners are {sorted(self.owners)}")
-        self._state_overrides[name] = state
+        self.ckpt.override_state(name, state)
 
     def record_eval(self, metrics: dict[str, float]) -> None:
         """Make ``metrics`` (e.g. ``{"val_loss", "val_ppl"}``, or ``{}``) the latest
-        evaluation: :attr:`last_eval`, which the next checkpoints' summary records under
-        ``metrics``. Writes nothing to ``metrics.jsonl`` and leaves the best-checkpoint
-        tracking alone. Raises nothing."""
+        evaluation, which the next checkpoints' summary records under ``metrics``."""
         self.last_eval = dict(metrics)
 
-    # ------------------------------------------------------------------ async checkpoints
+    def log(self, record: Mapping[str, Any]) -> None:
+        """Append a JSON record to ``metrics.jsonl`` (rank 0); rewound with checkpoints."""
+        self.metrics.write(dict(record))
 
     def wait_for_checkpoint(self) -> None:
-        """Block until a background save (``checkpoint.async``) is committed; no-op if none.
-
-        Raises:
-            Exception: what made the background save fail (e.g. ``CheckpointWriteError``).
-        """
-        self.checkpoints.wait()
-        self._log_checkpoint_stats()
-
-    def _poll_checkpoint(self) -> None:
-        # A failed background save is raised here, at the step after it failed.
-        self.checkpoints.check()
+        """Block until a background save is committed; raise its error if it failed."""
+        self.ckpt.wait()
         self._log_checkpoint_stats()
 
     def _log_checkpoint_stats(self) -> None:
-        for stats in self.checkpoints.take_stats():
+        for stats in self.ckpt.manager.take_stats():
             self.metrics.write(stats.as_metrics())
 
     def save_policy_last_step(self) -> int | None:
@@ -403,13 +314,13 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, dataset: Any = None) -> dict[str, float]:
         """Token-weighted mean loss (nats) and perplexity over ``dataset`` (default: the
-        held-out split); ``{}`` when it is empty. Uses no RNG and leaves the model in train
-        mode."""
+        held-out data); ``{}`` when there is none. Uses no RNG and leaves the model in
+        train mode."""
         ds = self.val_ds if dataset is None else dataset
-        if len(ds) == 0:
+        if ds is None or len(ds) == 0:
             return {}
         self.model.eval()  # no dropout: eval must not draw from the training RNG
-        mbs, limit = self.cfg.train.micro_batch_size, self.cfg.train.eval_max_batches
+        mbs, limit = self.settings.micro_batch_size, self.settings.eval_max_batches
         total, count = 0.0, 0
         for b, start in enumerate(range(0, len(ds), mbs)):
             if limit is not None and b >= limit:
@@ -419,8 +330,8 @@ class Trainer:
             rows = [ds[i] for i in range(start, min(start + mbs, len(ds)))]
             batch = {k: torch.stack([r[k] for r in rows]).to(self.device) for k in rows[0]}
             with self._autocast():
-                loss = self.forward(**batch).loss
-            n = int((batch["labels"][:, 1:] != -100).sum())
+                loss = self.loss_fn(self.forward, batch)
+            n = self.count_targets(batch)
             total, count = total + float(loss) * n, count + n
         self.model.train()
         total, count = distributed.eval_totals(self.dist, total, count)
@@ -429,27 +340,29 @@ class Trainer:
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         return torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"
+            self.device.type, dtype=torch.bfloat16, enabled=self.settings.precision == "bf16"
         )
 
     # ------------------------------------------------------------------ the loop
 
-    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Micro-batches from the cursor's position; the cursor advances as each is handed
-        out (not as the loader prefetches), so a checkpoint between optimizer steps records
-        exactly what was trained on."""
-        loader = make_loader(
-            self.train_ds,
+    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches of ``train_data`` from the cursor's position; the cursor advances
+        as each is handed out (not as the loader prefetches), so a checkpoint between
+        optimizer steps records exactly what was trained on."""
+        if self.train_ds is None or self.cursor is None:
+            raise ConfigError("the trainer has no train_data: pass batches to run()")
+        s = self.settings
+        self.loader = make_loader(
+            self.train_ds,  # type: ignore[arg-type]
             self.cursor,
-            micro_batch_size=self.cfg.train.micro_batch_size,
-            num_workers=self.cfg.data.num_workers,
-            seed=self.cfg.seed,
+            micro_batch_size=s.micro_batch_size,
+            num_workers=s.num_workers,
+            seed=s.seed,
             rank=self.rank,
             world_size=self.world_size,
         )
-        self.loader = loader  # its .consumed ids feed the example-id debug log
-        for batch in loader:
-            self.cursor.advance(self.cfg.train.micro_batch_size * self.world_size)
+        for batch in self.loader:
+            self.cursor.advance(s.micro_batch_size * self.world_size)
             yield batch
 
     def train_step(
@@ -461,8 +374,7 @@ class Trainer:
         """One optimizer step: ``grad_accum_steps`` micro-batches, clip, step, log.
 
         Args:
-            batches: yields dicts of ``[micro_batch_size, seq_len]`` long tensors
-                (``input_ids``, ``labels``, ``attention_mask``) and advances its cursor.
+            batches: yields dicts of ``[micro_batch_size, seq_len]`` tensors.
             epoch: recorded in the metrics line.
             micro_batches: micro-batches in this step, default ``grad_accum_steps``; the
                 watch daemon passes fewer for a file's last step so no example of the file
@@ -471,33 +383,38 @@ class Trainer:
         Raises:
             ValueError: ``micro_batches`` is not in ``1..grad_accum_steps``.
         """
-        self._poll_checkpoint()
-        t, p = self.cfg.train, self.progress
-        accum = self.grad_accum_steps  # train.grad_accum_steps, or adjusted on resume
+        self.ckpt.manager.check()  # a failed background save surfaces at the next step
+        self._log_checkpoint_stats()
+        p, accum = self.progress, self.grad_accum_steps
         n_micro = accum if micro_batches is None else micro_batches
         if not 1 <= n_micro <= accum:
             raise ValueError(
                 f"micro_batches must be in 1..{accum} (grad_accum_steps), got {micro_batches}"
             )
         step, t0 = p.global_step, time.perf_counter()
-        lr = self.scheduler.apply(step)
+        apply = getattr(self.scheduler, "apply", None)
+        lr = float(apply(step)) if callable(apply) else self.lr_at(step)
         loss_sum, tokens, examples = 0.0, 0, 0
         for micro in range(n_micro):
             batch = {k: v.to(self.device) for k, v in next(batches).items()}
             # DDP all-reduces the gradients in the last micro-step's backward only
-            with distributed.no_sync(self.ddp, last=micro == n_micro - 1):
+            with distributed.no_sync(self.forward, last=micro == n_micro - 1):
                 with self._autocast():
-                    loss = self.forward(**batch).loss / n_micro
+                    loss = self.loss_fn(self.forward, batch) / n_micro
                 loss.backward()
             loss_sum += loss.item()
-            tokens += int(batch["attention_mask"].sum())
+            mask = batch.get("attention_mask")
+            tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
             examples += batch["input_ids"].shape[0]
             maybe_crash("micro", step + 1, micro)
             self.dist.maybe_crash("micro", step + 1, micro)
         norm = torch.nn.utils.clip_grad_norm_(
-            self.optimizer.param_groups[0]["params"], t.max_grad_norm or math.inf
+            [q for g in self.optimizer.param_groups for q in g["params"]],
+            self.settings.max_grad_norm or math.inf,
         )
         self.optimizer.step()
+        if self.scheduler is not None and not callable(apply):
+            self.scheduler.step()  # a torch LRScheduler: stepped after the optimizer
         self.optimizer.zero_grad(set_to_none=True)
         # global mean loss, global tokens and examples (one process: its own, untouched)
         loss_sum, tokens, examples = distributed.step_totals(self.dist, loss_sum, tokens, examples)
@@ -506,43 +423,88 @@ class Trainer:
         p.tokens_seen += tokens
         p.record_loss(loss_sum)
         stats = StepStats(
-            p.global_step,
-            loss_sum,
-            lr,
-            float(norm),
-            tokens,
-            examples,
-            time.perf_counter() - t0,
-            epoch,
-        )
+            p.global_step, loss_sum, lr, float(norm), tokens, examples,
+            time.perf_counter() - t0, epoch,
+        )  # fmt: skip
         self.metrics.write({"kind": "train", **stats.__dict__})
         for hook in self.on_step:
             hook(stats)
         return stats
 
+    def run(
+        self,
+        batches: Iterator[dict[str, torch.Tensor]],
+        steps: int,
+        *,
+        epoch: Callable[[], int] = lambda: 0,
+        micro_batches: Callable[[int], int | None] = lambda done: None,
+        before_step: Callable[[], bool] = lambda: True,
+        after_step: Callable[[StepStats], bool] = lambda stats: True,
+    ) -> int:
+        """The loop: up to ``steps`` optimizer steps over ``batches``, with hooks between
+        steps. What :meth:`fit` and the watch daemon run.
+
+        Args:
+            batches: micro-batches (see :meth:`train_step`).
+            steps: optimizer steps to take at most.
+            epoch: the epoch to record for the next step.
+            micro_batches: micro-batches of the step after ``done`` steps (None: all).
+            before_step: called before each step; False ends the loop without it.
+            after_step: called with each step's stats (evaluate, save, inbox checks...);
+                False ends the loop.
+
+        Returns:
+            The steps taken.
+        """
+        done = 0
+        while done < steps and before_step():
+            stats = self.train_step(batches, epoch(), micro_batches(done))
+            done += 1
+            if not after_step(stats):
+                break
+        return done
+
     def fit(self, max_steps: int | None = None) -> str:
-        """Train until ``total_steps`` (or ``max_steps``) or a stop signal.
+        """Train until ``total_steps`` (or ``max_steps``) or a stop signal; saves at the
+        end and on a stop.
 
         Returns:
             ``"done"`` or the name of the signal that stopped it (state saved either way).
+
+        Raises:
+            ConfigError: the trainer has neither ``total_steps`` nor ``max_steps``.
         """
         p = self.progress
         if self.total_steps is None:
             raise ConfigError("train.max_steps: needed when the trainer has no data of its own")
         end = min(self.total_steps, max_steps) if max_steps else self.total_steps
-        batches = self._batches()
         self.model.train()
         self.save_policy.mark_saved(p.global_step, time.monotonic())
-        with _StopFlag() as stop:
-            # Ranks agree on stopping after each step: a rank stopping alone would leave the
-            # others waiting in a collective.
-            while p.global_step < end and not self.dist.agree_stop(stop.requested):
-                epoch = self.cursor.epoch
-                self.train_step(batches, epoch)
-                if self.cursor.epoch != epoch:
-                    maybe_crash("epoch", self.cursor.epoch)
-                self._maybe_eval_and_save(end)
-            stopped = self.dist.agree_stop(stop.requested)
+        cursor = self.cursor
+        stopped: str | None = None
+
+        def before_step() -> bool:
+            nonlocal stopped
+            # Ranks agree on stopping after each step: a rank stopping alone would leave
+            # the others waiting in a collective.
+            stopped = self.dist.agree_stop(self.ckpt.stop_requested)
+            return stopped is None
+
+        def after_step(stats: StepStats) -> bool:
+            if cursor is not None and cursor.epoch != stats.epoch:
+                maybe_crash("epoch", cursor.epoch)
+            self._maybe_eval_and_save(end)
+            return True
+
+        with self.ckpt.stop_on_signals():
+            self.run(
+                self.batches(),
+                end - p.global_step,
+                epoch=lambda: cursor.epoch if cursor is not None else 0,
+                before_step=before_step,
+                after_step=after_step,
+            )
+            stopped = self.dist.agree_stop(self.ckpt.stop_requested)
             if stopped and self.save_policy_last_step() != p.global_step:
                 self.save()
             # Inside the signal guard: a second SIGTERM cannot cut the last save short.
@@ -559,12 +521,13 @@ class Trainer:
         return "done"
 
     def _maybe_eval_and_save(self, end: int) -> None:
-        p, every = self.progress, self.cfg.train.eval_every_steps
+        p, every = self.progress, self.settings.eval_every_steps
         if (every and p.global_step % every == 0) or p.global_step == end:
             self.last_eval = self.evaluate()
             if self.last_eval:
                 self.metrics.write({"kind": "eval", "global_step": p.global_step, **self.last_eval})
-                self._track_best(self.last_eval)
+                c = self.checkpoint_config
+                self.progress.track_best(self.last_eval.get(c.best_metric), c.best_mode)
         # A save skipped for disk space is retried every step until it succeeds.
         if (
             p.global_step == end
@@ -574,21 +537,10 @@ class Trainer:
         ):
             self._save_pending = self.save() is None
 
-    def _track_best(self, metrics: dict[str, float]) -> None:
-        c, p = self.cfg.checkpoint, self.progress
-        value = metrics.get(c.best_metric)
-        if value is None:
-            return
-        better = p.best_metric is None or (
-            value < p.best_metric if c.best_mode == "min" else value > p.best_metric
-        )
-        if better:
-            p.best_metric, p.best_step = value, p.global_step
-
     def close(self) -> None:
         """Wait for a background save (raising its error), then close ``metrics.jsonl``."""
         try:
-            self.wait_for_checkpoint()
+            if self.ckpt.metrics is not None:
+                self.wait_for_checkpoint()
         finally:
-            self.checkpoints.close()
-            self.metrics.close()
+            self.ckpt.close()

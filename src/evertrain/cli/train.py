@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from evertrain.cli.errors import user_errors
+from evertrain.cli.model_errors import model_user_errors
 from evertrain.config import RunConfig
 
 
@@ -37,14 +37,18 @@ def train(
     """Train; resumes automatically from the newest checkpoint in RUN that verifies."""
     from evertrain.cli.progress import attach_progress
     from evertrain.config import load_config
-    from evertrain.trainer import Trainer
+    from evertrain.recipe import build_trainer
 
-    with user_errors():
+    with model_user_errors():
         if config is None:
             cfg = _stored_config(run_dir, set_ or [])
         else:
             cfg = load_config(config, set_ or [])
-        trainer = Trainer(cfg, run_dir, allow_config_change=allow_config_change, fresh=fresh)
+        trainer = build_trainer(cfg, run_dir, allow_config_change=allow_config_change, fresh=fresh)
+        if fresh:
+            trainer.start_fresh()
+        else:
+            trainer.resume()
         # under torchrun only rank 0 shows progress and prints the result
         shown = attach_progress(trainer, max_steps) if trainer.rank == 0 else nullcontext()
         with shown:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from evertrain.cli.errors import user_errors
+from evertrain.cli.model_errors import model_user_errors
 
 if TYPE_CHECKING:
     from evertrain.daemon import Daemon
@@ -73,7 +73,7 @@ def watch(
 
     code = 0
     try:
-        with user_errors():
+        with model_user_errors():
             stored = None
             if config is None and (run_dir / "ledger.sqlite").exists():
                 ledger = Ledger(run_dir / "ledger.sqlite", readonly=True)

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from evertrain.daemon.schedule import StreamScheduler
     from evertrain.daemon.status import ProgressLog, StepMeter
     from evertrain.daemon.stream import StreamState
+    from evertrain.trainer import StepStats
 
 log = logging.getLogger("evertrain.daemon")
 
@@ -273,34 +274,50 @@ class FileWork:
             world_size=tr.world_size,
         )
         every = self.cfg.train.eval_every_steps
+        micro = [0]  # micro-batches of the step about to run (rank 0 decides, tells the others)
+
+        def before_step() -> bool:
+            self._hold_while_paused()
+            if self.stop_reason is not None:
+                return False
+            micro[0] = min(tr.grad_accum_steps, plan.micro_total - plan.micro_done)
+            self.link.send("step", n=micro[0], epoch=cursor.epoch)
+            return True
+
+        def after_step(stats: StepStats) -> bool:
+            if self.link.any_stop(self.stop_reason is not None) and self.stop_reason is None:
+                self.request_stop("a stop on another rank")
+            plan.steps_done += 1
+            if plan.loss_start is None:
+                plan.loss_start = stats.loss
+            plan.loss_end = stats.loss
+            self.meter.add(stats.tokens, stats.seconds)
+            self._emit("step", {"stats": stats, "plan": plan})
+            self.progress_log.step(plan, stats)
+            if plan.steps_done == plan.steps_total:
+                return False
+            if every and stats.global_step % every == 0:
+                tr.record_eval({})
+                loss = self._eval(val, plan.id, "file")
+                if loss is not None:
+                    tr.record_eval({"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))})
+            self._maybe_save()
+            self._tick()
+            return True
+
         try:
-            while plan.steps_done < plan.steps_total:
-                self._hold_while_paused()
-                if self.stop_reason is not None:
-                    return
-                n = min(tr.grad_accum_steps, plan.micro_total - plan.micro_done)
-                self.link.send("step", n=n, epoch=cursor.epoch)
-                stats = tr.train_step(batches, epoch=cursor.epoch, micro_batches=n)
-                if self.link.any_stop(self.stop_reason is not None) and self.stop_reason is None:
-                    self.request_stop("a stop on another rank")
-                plan.steps_done += 1
-                if plan.loss_start is None:
-                    plan.loss_start = stats.loss
-                plan.loss_end = stats.loss
-                self.meter.add(stats.tokens, stats.seconds)
-                self._emit("step", {"stats": stats, "plan": plan})
-                self.progress_log.step(plan, stats)
-                if plan.steps_done == plan.steps_total:
-                    break
-                if every and stats.global_step % every == 0:
-                    tr.record_eval({})
-                    loss = self._eval(val, plan.id, "file")
-                    if loss is not None:
-                        tr.record_eval({"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))})
-                self._maybe_save()
-                self._tick()
+            tr.run(
+                batches,
+                plan.steps_total - plan.steps_done,
+                epoch=lambda: cursor.epoch,
+                micro_batches=lambda done: micro[0],
+                before_step=before_step,
+                after_step=after_step,
+            )
         finally:
             batches.close()
+        if plan.steps_done < plan.steps_total:
+            return  # stopped: the file resumes from the checkpoint on the next start
         # not in the finally: after an error here the other ranks may be inside a
         # collective, and torchrun takes the group down when this rank exits
         self.link.send("end")

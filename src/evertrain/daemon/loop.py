@@ -193,7 +193,7 @@ class Daemon(FileWork):
             yield
 
     def _start(self) -> None:
-        from evertrain.trainer import Trainer
+        from evertrain.recipe import build_trainer
 
         new_ledger = not self.layout.ledger.exists()
         self._check_checkpoints_are_ours(new_ledger)
@@ -212,7 +212,7 @@ class Daemon(FileWork):
         )
         self.stream = StreamState()
         t = self.cfg.train
-        trainer = Trainer(
+        trainer = build_trainer(
             self.cfg,
             self.layout.root,
             allow_config_change=self.allow_config_change,
@@ -221,6 +221,7 @@ class Daemon(FileWork):
             make_scheduler=lambda opt: StreamScheduler(opt, t.schedule, t.lr),
             summary_fields=self._summary_fields,
         )
+        trainer.resume()
         self.trainer = trainer
         self.link = RankLink(trainer.dist)
         sched = trainer.scheduler

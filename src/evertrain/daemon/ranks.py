@@ -106,11 +106,11 @@ class Follower:
 
     def run(self) -> int:
         """Follow rank 0 until it sends ``stop``. Returns 0."""
-        from evertrain.trainer import Trainer
+        from evertrain.recipe import build_trainer
 
         t = self.cfg.train
         with self._signals():
-            tr = Trainer(
+            tr = build_trainer(
                 self.cfg,
                 self.run_dir,
                 allow_config_change=self.allow_config_change,
@@ -120,6 +120,7 @@ class Follower:
                 make_scheduler=lambda opt: StreamScheduler(opt, t.schedule, t.lr),
             )
             try:
+                tr.resume()
                 sched = tr.scheduler
                 assert isinstance(sched, StreamScheduler)
                 self._follow(tr, sched)

@@ -3,6 +3,7 @@
 - :func:`build_datasets`: read, validate, split, tokenise and pack ``data.files``.
 - :func:`validate_file`: validate one file without a tokenizer (for a daemon's intake).
 - :class:`TokenizedDataset`: fixed-length rows (``input_ids``, ``labels``, ``attention_mask``).
+- :func:`target_tokens`: the labels a batch's loss averages over, per model kind.
 - :class:`DataCursor`: the Stateful data position (epoch, offset); O(1) exact resume.
 - :func:`make_loader`: a DataLoader at the cursor's position that never touches global RNG.
 - :class:`DataError`: bad data, located to file, line and field.
@@ -15,7 +16,7 @@ from evertrain.data.encode import Encoder, tokenizer_identity
 from evertrain.data.errors import DataError
 from evertrain.data.formats import Document, detect_format, validate_record
 from evertrain.data.loader import DataIterator, make_loader
-from evertrain.data.pack import IGNORE_INDEX, pack, pad_rows
+from evertrain.data.pack import IGNORE_INDEX, pack, pad_rows, pad_seq2seq, target_tokens
 from evertrain.data.records import Record, iter_records, read_bytes
 from evertrain.data.report import DataReport, FileReport, SplitReport
 from evertrain.data.split import is_validation, split_by_hash
@@ -40,9 +41,11 @@ __all__ = [
     "make_loader",
     "pack",
     "pad_rows",
+    "pad_seq2seq",
     "read_bytes",
     "read_documents",
     "split_by_hash",
+    "target_tokens",
     "tokenizer_identity",
     "validate_file",
     "validate_record",

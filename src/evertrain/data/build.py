@@ -10,13 +10,13 @@ from typing import Any, Literal
 import torch
 import xxhash
 
-from evertrain.config import DataConfig
+from evertrain.config import DataConfig, ModelKind
 from evertrain.data import cache
 from evertrain.data.dataset import TokenizedDataset
 from evertrain.data.encode import Encoder, tokenizer_identity
 from evertrain.data.errors import DataError
 from evertrain.data.formats import Document, Format, detect_format, validate_record
-from evertrain.data.pack import pack, pad_rows
+from evertrain.data.pack import pack, pad_rows, pad_seq2seq
 from evertrain.data.records import file_kind, iter_records, read_bytes
 from evertrain.data.report import MAX_REASONS, DataReport, FileReport, SplitReport
 from evertrain.data.split import is_validation
@@ -34,8 +34,22 @@ def chunk_chars(cfg: DataConfig) -> int:
     return 4 * cfg.seq_len
 
 
+def _seq2seq_format_error(name: str, fmt: str, line: int | None = None) -> DataError:
+    return DataError(
+        f"{fmt!r} records have no encoder input for a seq2seq model (model.kind: seq2seq)",
+        file=name,
+        line=line,
+        hint="give prompt/completion records: the prompt is the encoder input, the "
+        "completion the decoder target",
+    )
+
+
 def read_documents(
-    path: str | Path, data: bytes, cfg: DataConfig, policy: Policy | None = None
+    path: str | Path,
+    data: bytes,
+    cfg: DataConfig,
+    policy: Policy | None = None,
+    kind: ModelKind | None = None,
 ) -> tuple[FileReport, list[Document]]:
     """Parse and validate every record of one file.
 
@@ -44,24 +58,29 @@ def read_documents(
         data: its bytes.
         cfg: ``format``, ``text_split`` and ``seq_len`` (chunk size) are used.
         policy: ``"fail"`` or ``"skip"``; default ``cfg.on_bad_record``.
+        kind: the model kind the documents are for; default ``cfg.model_kind``.
 
     Returns:
         The file's report and its valid documents in file order.
 
     Raises:
         DataError: a file-level problem; the first bad record under ``"fail"``; a file with
-            no valid record (always).
+            no valid record (always); for a seq2seq model, a file whose records are not
+            ``prompt_completion`` (always, whatever the policy).
     """
     policy = policy or cfg.on_bad_record
+    kind = kind or cfg.model_kind
     name = str(path)
-    kind = file_kind(path)
+    file_type = file_kind(path)
     fmt: Format | None = None if cfg.format == "auto" else cfg.format
-    if kind == "text" and fmt not in (None, "text"):
+    if file_type == "text" and fmt not in (None, "text"):
         raise DataError(
             f"plain text files hold text records, but data.format is {fmt!r}",
             file=name,
             hint="use a .jsonl file for that format, or format: auto",
         )
+    if kind == "seq2seq" and (file_type == "text" or fmt not in (None, "prompt_completion")):
+        raise _seq2seq_format_error(name, fmt or "text")
     report = FileReport(
         path=name,
         format=fmt or "unknown",
@@ -75,13 +94,18 @@ def read_documents(
                 raise item
             if fmt is None:
                 fmt = detect_format(item)
-            docs.append(validate_record(item, fmt))
+            doc = validate_record(item, fmt)
         except DataError as e:
             if policy == "fail":
                 raise
             report.skipped += 1
             if len(report.reasons) < MAX_REASONS:
                 report.reasons.append(str(e))
+            continue
+        if kind == "seq2seq" and doc.kind != "prompt_completion":
+            # The file's format, not one bad record: on_bad_record: skip must not pass it.
+            raise _seq2seq_format_error(name, doc.kind, doc.line)
+        docs.append(doc)
     report.format = fmt or "unknown"
     report.records = len(docs)
     if not docs:
@@ -124,13 +148,16 @@ def _hash_file(path: str) -> str:
     return h.hexdigest()
 
 
-def _settings(cfg: DataConfig, split: str) -> dict[str, Any]:
-    return {
+def _settings(cfg: DataConfig, split: str, kind: ModelKind) -> dict[str, Any]:
+    out: dict[str, Any] = {
         "split": split,
         "seq_len": cfg.seq_len,
         "packing": cfg.packing,
         "pipeline": PIPELINE_VERSION,
     }
+    if kind != "causal":  # absent for causal: its fingerprints stay what they were
+        out["model_kind"] = kind
+    return out
 
 
 def _split_report(ds: TokenizedDataset, documents: int, truncated: int) -> SplitReport:
@@ -147,7 +174,7 @@ def _split_report(ds: TokenizedDataset, documents: int, truncated: int) -> Split
 
 
 def build_datasets(
-    cfg: DataConfig, tokenizer: Any, seed: int
+    cfg: DataConfig, tokenizer: Any, seed: int, *, kind: ModelKind | None = None
 ) -> tuple[TokenizedDataset, TokenizedDataset, DataReport]:
     """Read every file of ``cfg.files``, validate, split, tokenise and pack (or pad).
 
@@ -155,17 +182,24 @@ def build_datasets(
     validation by :func:`~evertrain.data.split.is_validation` (content hash and ``seed``,
     before packing), then each side is tokenised (:mod:`~evertrain.data.encode`) and laid
     out in rows (:mod:`~evertrain.data.pack`). The result is a pure function of the file
-    bytes, the tokenizer, ``cfg`` and ``seed``. With ``cfg.cache_dir`` the tensors are cached
-    (:mod:`~evertrain.data.cache`), keyed by all of those.
+    bytes, the tokenizer, ``cfg``, ``kind`` and ``seed``. With ``cfg.cache_dir`` the tensors
+    are cached (:mod:`~evertrain.data.cache`), keyed by all of those.
+
+    ``kind`` (default ``cfg.model_kind``, i.e. the run config's ``model.kind``):
+    ``"seq2seq"`` lays each prompt/completion pair out as one row of encoder input and
+    decoder target (:func:`~evertrain.data.pack.pad_seq2seq`); ``cfg.packing`` is then
+    not used.
 
     Returns:
         ``(train, val, report)``; ``val`` may have zero rows.
 
     Raises:
         DataError: no files, a bad file or record (per ``cfg.on_bad_record``), a file with
-            no valid record, or no training rows at all.
+            no valid record, no training rows at all, or (seq2seq) records that are not
+            ``prompt_completion``.
         ValueError: the tokenizer has no eos token.
     """
+    kind = kind or cfg.model_kind
     if not cfg.files:
         raise DataError("data.files is empty: list at least one data file")
     encoder = Encoder(tokenizer)
@@ -184,18 +218,19 @@ def build_datasets(
                 "data": cfg.model_dump(mode="json", exclude={"cache_dir", "num_workers", "files"}),
                 "chunk_chars": chunk_chars(cfg),
                 "seed": seed,
+                **({"model_kind": kind} if kind != "causal" else {}),
             }
         )
         hit = cache.load(cache_dir, key)
         if hit is not None:
-            return _from_cache(cfg, hit, cache_dir, key)
+            return _from_cache(cfg, hit, cache_dir, key, kind)
 
     report = DataReport(cache="off" if key is None else "miss")
     train_docs: list[Document] = []
     val_docs: list[Document] = []
     for f, expected in zip(cfg.files, hashes, strict=True):
         data = read_bytes(f)
-        fr, docs = read_documents(f, data, cfg)
+        fr, docs = read_documents(f, data, cfg, kind=kind)
         if expected is not None and fr.content_hash != expected:
             raise DataError("the file changed while it was being read; retry", file=f)
         report.files.append(fr)
@@ -215,8 +250,11 @@ def build_datasets(
     layout = pack if cfg.packing else pad_rows
     out = []
     for split, docs in (("train", train_docs), ("val", val_docs)):
-        p = layout(encoder.encode(docs), cfg.seq_len, encoder.pad_id)
-        ds = TokenizedDataset(p.input_ids, p.labels, p.attention_mask, _settings(cfg, split))
+        if kind == "seq2seq":
+            p = pad_seq2seq(encoder.encode_seq2seq(docs), cfg.seq_len, encoder.pad_id)
+        else:
+            p = layout(encoder.encode(docs), cfg.seq_len, encoder.pad_id)
+        ds = TokenizedDataset(p.input_ids, p.labels, p.attention_mask, _settings(cfg, split, kind))
         setattr(report, split, _split_report(ds, len(docs), p.truncated_documents))
         out.append(ds)
     train, val = out
@@ -238,7 +276,11 @@ def build_datasets(
 
 
 def _from_cache(
-    cfg: DataConfig, hit: tuple[dict[str, torch.Tensor], dict[str, Any]], cache_dir: Path, key: str
+    cfg: DataConfig,
+    hit: tuple[dict[str, torch.Tensor], dict[str, Any]],
+    cache_dir: Path,
+    key: str,
+    kind: ModelKind,
 ) -> tuple[TokenizedDataset, TokenizedDataset, DataReport]:
     tensors, meta = hit
     report = DataReport.from_json(meta["report"])
@@ -249,7 +291,7 @@ def _from_cache(
             tensors[f"{split}.input_ids"],
             tensors[f"{split}.labels"],
             tensors[f"{split}.attention_mask"],
-            _settings(cfg, split),
+            _settings(cfg, split, kind),
         )
         expected = getattr(report, split).fingerprint
         if ds.fingerprint != expected:

@@ -22,6 +22,10 @@ token ``i`` is a training target. Rules:
   tokenised as literal text, with ``eos`` appended; targets are each assistant's
   ``content + "\\n"`` (and ``eos`` after a final assistant turn).
 
+Seq2seq models (:meth:`Encoder.encode_seq2seq`, ``prompt_completion`` only): the encoder
+input is ``[bos] + tokens(prompt) + [eos]`` (T5's own convention: ``prompt</s>``) and the
+decoder target ``tokens(completion) + [eos]``, every target token trained.
+
 ``bos`` is added only where the tokenizer adds it itself (``tokenizer("a")`` starts with
 ``bos_token_id``) and never as a target. Text and prompt/completion strings are tokenised
 with ``split_special_tokens=True``: the literal string ``"</s>"`` in a document (an HTML
@@ -44,6 +48,7 @@ FALLBACK_GENERATION_PROMPT = "<|assistant|>\n"
 _BATCH = 512
 
 Encoded = tuple[list[int], list[bool]]
+Seq2SeqEncoded = tuple[list[int], list[int]]  # (encoder input ids, decoder target ids)
 
 
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
@@ -125,6 +130,33 @@ class Encoder:
                 )
             else:
                 out.append(self._encode_chat(d))
+        return out
+
+    def encode_seq2seq(self, docs: Sequence[Document]) -> list[Seq2SeqEncoded]:
+        """``(encoder ids, target ids)`` for each ``prompt_completion`` document, in order.
+
+        Raises:
+            DataError: a document of another format (names its file and line).
+        """
+        for d in docs:
+            if d.kind != "prompt_completion":
+                raise DataError(
+                    f"{d.kind!r} records have no encoder input for a seq2seq model "
+                    f"(model.kind: seq2seq); use prompt_completion records",
+                    file=d.file,
+                    line=d.line,
+                    unit=d.unit,
+                )
+        toks = iter(
+            self._tokenize(
+                [s for d in docs for s in (d.prompt or "", d.completion or "")], literal=True
+            )
+        )
+        head = [self.bos_id] if self.bos_id is not None else []
+        out: list[Seq2SeqEncoded] = []
+        for _ in docs:
+            p, c = next(toks), next(toks)
+            out.append((head + p + [self.eos_id], c + [self.eos_id]))
         return out
 
     # ------------------------------------------------------------------ chat

@@ -112,6 +112,13 @@ class DataIterator:
             shutdown()
 
 
+def dataset_fingerprint(dataset: Any) -> str:
+    """What identifies ``dataset`` for a :class:`DataCursor`: its ``fingerprint`` attribute
+    (a :class:`TokenizedDataset`'s content hash), else ``"rows=<len>"`` for a user's own
+    map-style dataset (which then must not change between runs)."""
+    return str(getattr(dataset, "fingerprint", f"rows={len(dataset)}"))
+
+
 def make_loader(
     dataset: TokenizedDataset,
     cursor: DataCursor,
@@ -146,7 +153,7 @@ def make_loader(
     check_split(cursor.global_batch_size, cursor.offset, micro_batch_size, world_size)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} out of range for world_size {world_size}")
-    if len(dataset) != cursor.num_examples or dataset.fingerprint != cursor.fingerprint:
+    if len(dataset) != cursor.num_examples or dataset_fingerprint(dataset) != cursor.fingerprint:
         raise ValueError(
             "the dataset is not the one the cursor was made for (different length or fingerprint)"
         )

@@ -20,6 +20,12 @@ from crossing them, the usual trade-off of packed training.
 
 ``packing=False``: one document per row, truncated to ``seq_len`` (losing its tail, its
 ``eos`` included; counted in ``truncated_documents``) and right-padded.
+
+Seq2seq models (``model.kind: seq2seq``, :func:`pad_seq2seq`) have no shift: the decoder
+is fed ``labels`` shifted right by the model itself, and ``labels[i]`` is the target at
+decoder position ``i``. One prompt/completion pair per row: ``input_ids`` and
+``attention_mask`` are the encoder input, ``labels`` the completion's tokens and ``eos``,
+each truncated to ``seq_len`` and right-padded (pad id / ``-100``).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from evertrain.data.encode import Encoded
+from evertrain.data.encode import Encoded, Seq2SeqEncoded
 
 IGNORE_INDEX = -100
 
@@ -110,3 +116,45 @@ def pad_rows(docs: list[Encoded], seq_len: int, pad_id: int) -> Packed:
         labels[r, :k] = d_labels[:k]
         mask[r, :k] = True
     return Packed(*_to_tensors(ids, labels, mask), truncated_documents=truncated)
+
+
+def pad_seq2seq(pairs: list[Seq2SeqEncoded], seq_len: int, pad_id: int) -> Packed:
+    """One ``(encoder ids, target ids)`` pair per row (see the module doc).
+
+    Returns:
+        ``len(pairs)`` rows; ``truncated_documents`` counts pairs whose encoder input or
+        target did not fit in ``seq_len``.
+
+    Raises:
+        ValueError: ``seq_len`` below 2.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    n = len(pairs)
+    ids = np.full((n, seq_len), pad_id, dtype=np.int64)
+    labels = np.full((n, seq_len), IGNORE_INDEX, dtype=np.int64)
+    mask = np.zeros((n, seq_len), dtype=bool)
+    truncated = 0
+    for r, (src, tgt) in enumerate(pairs):
+        if len(src) > seq_len or len(tgt) > seq_len:
+            truncated += 1
+        k, t = min(len(src), seq_len), min(len(tgt), seq_len)
+        ids[r, :k] = src[:k]
+        mask[r, :k] = True
+        labels[r, :t] = tgt[:t]
+    return Packed(*_to_tensors(ids, labels, mask), truncated_documents=truncated)
+
+
+def target_tokens(labels: torch.Tensor, kind: str = "causal") -> int:
+    """How many labels of ``labels`` (``long``/``int32 [batch, seq_len]``) the model's loss
+    averages over: a causal LM shifts and never scores position 0; a seq2seq model scores
+    every label that is not ``-100``.
+
+    Raises:
+        ValueError: ``kind`` is neither ``"causal"`` nor ``"seq2seq"``.
+    """
+    if kind == "causal":
+        return int((labels[:, 1:] != IGNORE_INDEX).sum())
+    if kind == "seq2seq":
+        return int((labels != IGNORE_INDEX).sum())
+    raise ValueError(f"unknown model kind {kind!r}; expected 'causal' or 'seq2seq'")

@@ -278,8 +278,8 @@ def import_hf_checkpoint(
         evertrain.config.ConfigError, evertrain.data.DataError: ``cfg`` or its data is bad.
     """
     from evertrain.models import load_trainable_state
+    from evertrain.recipe import build_trainer
     from evertrain.restore import preserved_rng, step_dirs
-    from evertrain.trainer import Trainer
 
     hf_path, run = Path(hf_dir), Path(run_dir)
     ckpt_root = run / "checkpoints"
@@ -294,7 +294,8 @@ def import_hf_checkpoint(
     try:
         imported: dict[str, Any] = {}  # filled in once the notes are complete
         with preserved_rng():
-            trainer = Trainer(cfg, run, summary_fields=lambda: {"imported_from": imported})
+            trainer = build_trainer(cfg, run, summary_fields=lambda: {"imported_from": imported})
+            trainer.start_fresh()  # a new run directory (checked above)
             try:
                 if cfg.lora is not None:
                     _check_adapter_config(hf, cfg, trainer.model)
@@ -361,6 +362,6 @@ def _scheduler_notes(hf: HFCheckpoint, trainer: Any, notes: list[str]) -> None:
     nxt = trainer.scheduler.lr_at(hf.global_step)
     if isinstance(lrs, list) and lrs and isinstance(lrs[0], (int, float)):
         notes.append(
-            f"LR from evertrain's schedule ({trainer.cfg.train.schedule.name}, a function of "
+            f"LR from evertrain's schedule ({trainer.scheduler.cfg.name}, a function of "
             f"global_step): next step {nxt:.3g}; the Trainer's scheduler was at {lrs[0]:.3g}"
         )

@@ -57,8 +57,10 @@ class LoadedModel:
             resume against a different base is refused: ``source`` (as configured),
             ``format`` (``tiny``/``hf``/``gguf``), ``model_type`` and ``weights_hash``
             (``"xxh3_128:<hex>"`` of the base weights: the tiny model's initial tensors,
-            a directory's ``*.safetensors`` files, or the ``.gguf`` file). Independent of
-            ``model.dtype`` and LoRA, which the run config records.
+            a directory's ``*.safetensors`` files, or the ``.gguf`` file), and for
+            ``model.kind: seq2seq`` only, ``kind: "seq2seq"`` (a causal identity has no
+            ``kind``, as before the key existed). Independent of ``model.dtype`` and LoRA,
+            which the run config records.
     """
 
     model: Any
@@ -69,6 +71,9 @@ class LoadedModel:
 def load_model(cfg: ModelConfig, lora: LoraConfig | None = None) -> LoadedModel:
     """Load ``cfg.source`` in ``cfg.dtype``, wrapping it with a LoRA adapter if ``lora``.
 
+    ``cfg.kind``: ``causal`` loads an ``AutoModelForCausalLM``, ``seq2seq`` an
+    ``AutoModelForSeq2SeqLM`` (``tiny``: a T5; a local Hugging Face directory).
+
     ``tiny`` draws its weights (and LoRA its ``lora_A``) from torch's global RNG: seed
     first. ``cfg.num_threads`` is applied with ``torch.set_num_threads``. ``cfg.compile``
     is not applied here (the trainer compiles; names stay uncompiled, see
@@ -76,7 +81,8 @@ def load_model(cfg: ModelConfig, lora: LoraConfig | None = None) -> LoadedModel:
 
     Raises:
         ModelSourceError: unknown source, missing file/directory/package, unusable
-            directory contents, or LoRA targets that do not exist.
+            directory contents, a directory whose model is not of ``cfg.kind``, or LoRA
+            targets that do not exist.
         ModelCacheError: a GGUF conversion failed its verification.
     """
     # transformers is first imported inside: its import reads the offline switches too
@@ -100,6 +106,8 @@ def _load_model(cfg: ModelConfig, lora: LoraConfig | None) -> LoadedModel:
             "config": cfg.tiny.model_dump(),
             "weights_hash": hash_tensors(model.state_dict()),
         }
+        if cfg.kind != "causal":
+            identity["kind"] = cfg.kind
         model = model.to(getattr(torch, cfg.dtype))
     elif src == "smollm2-135m":
         from evertrain.models.sources import SMOLLM2, load_gguf, smollm2_gguf
@@ -113,7 +121,7 @@ def _load_model(cfg: ModelConfig, lora: LoraConfig | None) -> LoadedModel:
     else:
         from evertrain.models.sources import load_hf_dir
 
-        model, tok, identity = load_hf_dir(src, cfg.dtype)
+        model, tok, identity = load_hf_dir(src, cfg.dtype, cfg.kind)
     if lora is not None:
         model = apply_lora(model, lora)
     model.train()  # from_pretrained returns eval mode; dropout must match the config

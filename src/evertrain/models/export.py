@@ -3,7 +3,8 @@
 Both are written atomically (:func:`evertrain.fsutil.staged_dir`) and load offline
 with the standard libraries, no evertrain needed:
 ``PeftModel.from_pretrained(base, adapter_dir)`` and
-``AutoModelForCausalLM.from_pretrained(model_dir)`` / ``AutoTokenizer.from_pretrained``.
+``AutoModelForCausalLM.from_pretrained(model_dir)`` (``AutoModelForSeq2SeqLM`` for an
+encoder-decoder) / ``AutoTokenizer.from_pretrained``.
 """
 
 from __future__ import annotations

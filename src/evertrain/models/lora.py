@@ -46,6 +46,9 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
     "gptj": ["q_proj", "k_proj", "v_proj", "out_proj"],
     "gpt_neo": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    # Encoder-decoder (model.kind: seq2seq): query and value, the LoRA paper's choice and
+    # PEFT's default for T5; the targets match self- and cross-attention of both stacks.
+    **{t: ["q", "v"] for t in ("t5", "mt5", "umt5")},
 }
 
 
@@ -67,7 +70,8 @@ def default_target_modules(model_type: str) -> list[str]:
 
 
 def apply_lora(model: Any, lora: LoraConfig) -> Any:
-    """Wrap ``model`` in a ``peft.PeftModel`` with one LoRA adapter named ``default``.
+    """Wrap ``model`` in a ``peft.PeftModel`` with one LoRA adapter named ``default``
+    (task type ``SEQ_2_SEQ_LM`` for an encoder-decoder model, else ``CAUSAL_LM``).
 
     Only the adapter's ``lora_A``/``lora_B`` matrices are trainable afterwards; the base
     weights are frozen. Adapter weights are drawn from torch's global RNG (PEFT's
@@ -82,6 +86,7 @@ def apply_lora(model: Any, lora: LoraConfig) -> Any:
     from peft import get_peft_model
 
     model_type = getattr(model.config, "model_type", None) or "unknown"
+    is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     targets = (
         list(lora.target_modules) if lora.target_modules else default_target_modules(model_type)
     )
@@ -105,6 +110,6 @@ def apply_lora(model: Any, lora: LoraConfig) -> Any:
         lora_dropout=lora.dropout,
         target_modules=targets,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type="SEQ_2_SEQ_LM" if is_encoder_decoder else "CAUSAL_LM",
     )
     return get_peft_model(model, peft_cfg)

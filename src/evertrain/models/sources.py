@@ -110,27 +110,59 @@ def check_hf_dir(source: str) -> tuple[Path, list[Path]]:
     return path, weights
 
 
-def load_hf_dir(source: str, dtype: str) -> tuple[Any, Any, dict[str, Any]]:
+def _check_kind(source: str, path: Path, kind: str) -> None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    enc_dec = bool(getattr(config, "is_encoder_decoder", False))
+    if enc_dec != (kind == "seq2seq"):
+        want = "seq2seq" if enc_dec else "causal"
+        what = "an encoder-decoder" if enc_dec else "a decoder-only"
+        raise ModelSourceError(
+            f"model.source {source!r}: {path} holds {what} model ({config.model_type}) but "
+            f"model.kind is {kind!r}; set model.kind: {want}"
+        )
+
+
+def load_hf_dir(source: str, dtype: str, kind: str = "causal") -> tuple[Any, Any, dict[str, Any]]:
     """Load a local Hugging Face model directory.
+
+    Args:
+        source: ``model.source`` as configured.
+        dtype: ``"float32"`` or ``"bfloat16"``.
+        kind: ``"causal"`` (``AutoModelForCausalLM``) or ``"seq2seq"``
+            (``AutoModelForSeq2SeqLM``).
 
     Returns:
         ``(model, tokenizer, identity)``; identity's ``weights_hash`` covers every
-        ``*.safetensors`` file (names, sizes, bytes).
+        ``*.safetensors`` file (names, sizes, bytes); a seq2seq identity also has
+        ``kind: "seq2seq"``.
 
     Raises:
-        ModelSourceError: see :func:`check_hf_dir`.
+        ModelSourceError: see :func:`check_hf_dir`; also an encoder-decoder model with
+            ``kind`` causal or a decoder-only model with ``kind`` seq2seq.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     path, weights = check_hf_dir(source)
     identity = {"source": source, "format": "hf", "weights_hash": hash_files(weights, path)}
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path),
-        local_files_only=True,
-        dtype=_dtype(dtype),
-        use_safetensors=True,
-        trust_remote_code=False,
-    )
+    auto: Any = AutoModelForCausalLM
+    if kind == "seq2seq":
+        _check_kind(source, path, kind)
+        identity["kind"] = kind
+        auto = AutoModelForSeq2SeqLM
+    try:
+        model = auto.from_pretrained(
+            str(path),
+            local_files_only=True,
+            dtype=_dtype(dtype),
+            use_safetensors=True,
+            trust_remote_code=False,
+        )
+    except ValueError:
+        if kind == "causal":  # an encoder-decoder directory: say which key to set
+            _check_kind(source, path, kind)
+        raise
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     identity["model_type"] = model.config.model_type
     return model, tok, identity
