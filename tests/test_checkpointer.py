@@ -300,3 +300,38 @@ def test_public_names_resolve_and_import_changes_no_environment() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "true"
+
+
+def test_extra_names_that_would_read_as_another_ranks_state_are_refused(tmp_path: Path) -> None:
+    for name in ("loss_rank1", "Tracker", "trackér", "a-b"):
+        with pytest.raises(TypeError, match=r"not \[a-z0-9_\]\+"):
+            evertrain.Checkpointer(tmp_path, extra={name: Tracker()})
+
+
+def test_a_refused_resume_writes_nothing(tmp_path: Path) -> None:
+    train(tmp_path, 3)
+    (tmp_path / "metrics.jsonl").unlink()
+    with pytest.raises(evertrain.StateError):
+        evertrain.Checkpointer(tmp_path, model=torch.nn.Linear(6, 3)).resume()
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+class Strict:
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def state_dict(self) -> dict[str, Any]:
+        return {self.key: 1}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = state[self.key]  # KeyError for a state of another layout
+
+
+def test_an_objects_own_refusal_names_the_owner(tmp_path: Path) -> None:
+    ckpt = evertrain.Checkpointer(tmp_path, extra={"strict": Strict("a")}, every_steps=1)
+    ckpt.resume()
+    ckpt.step(1)
+    ckpt.close()
+    again = evertrain.Checkpointer(tmp_path, extra={"strict": Strict("b")})
+    with pytest.raises(evertrain.StateError, match=r"^strict: the .*Strict refused .*KeyError"):
+        again.resume()

@@ -100,12 +100,12 @@ with ckpt, ckpt.stop_on_signals():
                 loss = ddp(seq[:, :-1], seq[:, 1:]) / t.accum
                 loss.backward()
             loss_sum += loss.detach()
-            tracker.add(loss.item() * t.accum)
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        dist.all_reduce(loss_sum)  # the logged loss is the mean over ranks
+        dist.all_reduce(loss_sum)  # the mean over ranks: logged, and tracked alike on every rank
+        tracker.add(loss_sum.item() / world)
         step += 1
         ckpt.step(step, {"loss": loss_sum.item() / world, "lr": sched.get_last_lr()[0]}, save=step == t.steps)
 if rank == 0:

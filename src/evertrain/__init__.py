@@ -22,6 +22,9 @@ _EXPORTS = {
     "Checkpointer": "evertrain.checkpointer",
     "ResumeError": "evertrain.checkpointer",
     "Trainer": "evertrain.trainer",
+    "TrainSettings": "evertrain.train_settings",
+    "StepStats": "evertrain.train_settings",
+    "CheckpointConfig": "evertrain.config",
     "split_by_hash": "evertrain.data.split",
     "seed_everything": "evertrain.rng",
     "ConfigError": "evertrain.config",
@@ -63,6 +66,7 @@ if TYPE_CHECKING:
     )
     from evertrain.checkpointer import Checkpointer as Checkpointer
     from evertrain.checkpointer import ResumeError as ResumeError
+    from evertrain.config import CheckpointConfig as CheckpointConfig
     from evertrain.config import (
         ConfigError as ConfigError,
     )
@@ -75,6 +79,8 @@ if TYPE_CHECKING:
     from evertrain.data.split import split_by_hash as split_by_hash
     from evertrain.rng import seed_everything as seed_everything
     from evertrain.state import StateError as StateError
+    from evertrain.train_settings import StepStats as StepStats
+    from evertrain.train_settings import TrainSettings as TrainSettings
     from evertrain.trainer import Trainer as Trainer
 
 

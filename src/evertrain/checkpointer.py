@@ -15,6 +15,7 @@ Checkpointer per run directory per rank; under torchrun every rank builds one (a
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -54,6 +55,8 @@ log = logging.getLogger("evertrain")
 
 # Owners every rank saves for itself: RNG streams and data positions differ between ranks.
 PER_RANK = ("data", "rng")
+EXTRA_NAME = re.compile(r"[a-z0-9_]+")
+RANK_SUFFIX = re.compile(r"_rank[0-9]+$")
 RESERVED = frozenset(
     {"model", "optimizer", "scheduler", "data", "rng", "progress", "config", "versions"}
 )
@@ -153,13 +156,17 @@ class Checkpointer:
             check_loader_rng(data)
             self.owners["data"] = ObjectState(data, "data")
         for name, obj in (extra or {}).items():
-            if name in RESERVED or not isinstance(name, str) or not name.isidentifier():
+            # a name like loss_rank1 would read back as rank 1's state of an owner "loss"
+            if (
+                not isinstance(name, str)
+                or name in RESERVED
+                or not EXTRA_NAME.fullmatch(name)
+                or RANK_SUFFIX.search(name)
+            ):
                 raise TypeError(
-                    f"extra: name {name!r} is reserved or not a lower-case identifier; "
-                    f"use another name ([a-z0-9_]+, not one of {sorted(RESERVED)})"
+                    f"extra: name {name!r} is reserved or not [a-z0-9_]+; use another name "
+                    f"(not one of {sorted(RESERVED)}, not ending in _rank<N>)"
                 )
-            if name != name.lower():
-                raise TypeError(f"extra: name {name!r} must be lower case ([a-z0-9_]+)")
             self.owners[name] = ObjectState(obj, name)
         for name, obj in (owners or {}).items():
             if not is_stateful(obj):
@@ -186,6 +193,7 @@ class Checkpointer:
         self.should_stop = False
         self.stop_reason: str | None = None
         self.last_checkpoint: Path | None = None
+        self.last_saved_step: int | None = None  # committed (or resumed from) by this process
         self._signal: str | None = None
         self._resumed_from: int | None = None
         self._last_metrics: dict[str, Any] = {}
@@ -254,7 +262,8 @@ class Checkpointer:
 
     def resume(self) -> int:
         """Restore every owner from the newest checkpoint that verifies; return its global_step
-        (0 for a run directory without checkpoints, where nothing is changed).
+        (0 for a run directory without checkpoints: it is created, with an empty
+        ``metrics.jsonl``, and no owner is touched).
 
         Order: the config is checked first (nothing is restored on a refused change), then
         model, optimizer, scheduler, data, extras, progress, and the Python, NumPy, torch CPU
@@ -267,10 +276,12 @@ class Checkpointer:
                 warned with the file and what is wrong), the stored config differs in keys
                 not allowed to change, or the world size differs from the checkpoint's.
             evertrain.state.StateError: a checkpoint that does not fit an owner (another
-                model, optimizer class, scheduler class, parameter shapes).
+                model, optimizer class, scheduler class, parameter shapes). Owners are
+                checked for a state first; one whose own ``load_state_dict`` refuses the
+                state fails after the owners before it were restored. Nothing in the run
+                directory is written when resuming fails.
         """
         info = self.latest()
-        metrics = self._open_metrics()
         if info is None:
             if any((self.run_dir / "checkpoints").glob("step-*")):
                 raise ResumeError(
@@ -288,18 +299,23 @@ class Checkpointer:
             key = rank_owner(name, self.group.rank)
             if key not in states and self.rank_state is not None:
                 states[key] = self.rank_state(name, states)
-        for name, owner in self.owners.items():
-            key = rank_owner(name, self.group.rank) if name in self.per_rank else name
+        keys = {
+            name: rank_owner(name, self.group.rank) if name in self.per_rank else name
+            for name in self.owners
+        }
+        for name, key in keys.items():
             if key not in states:
                 raise StateError(
                     f"{name}: {info.path} holds no state for it (it was written without "
                     f"{name}=); pass the same owners as the run that wrote it"
                 )
-            owner.load_state_dict(states[key])
-        metrics.rewind(int(info.summary.get("metrics_offset", 0)))
+        for name, owner in self.owners.items():
+            owner.load_state_dict(states[keys[name]])
+        # opened only now: a refused resume leaves the run directory as it was
+        self._open_metrics().rewind(int(info.summary.get("metrics_offset", 0)))
         self._last_metrics = dict(info.summary.get("metrics", {}))
         self._resumed_from = self.progress.global_step
-        self.last_checkpoint = info.path
+        self.last_checkpoint, self.last_saved_step = info.path, self.progress.global_step
         self.save_policy.mark_saved(self.progress.global_step, time.monotonic())
         log.info("resumed from %s (global_step %d)", info.path, self.progress.global_step)
         return self.progress.global_step
@@ -403,11 +419,26 @@ class Checkpointer:
         if metrics:
             self._last_metrics = dict(metrics)
             self.metrics.write({"kind": "train", "global_step": global_step, **metrics})
-        due = self.save_policy.should_save(global_step, time.monotonic())
+        return self.maybe_save(force=save)
+
+    def maybe_save(self, *, force: bool = False) -> Path | None:
+        """The save decision after an optimizer step, at the current global_step: save if
+        ``force``, if the save policy is due, if an earlier save was skipped for disk space,
+        or if a stop signal arrived on any rank (then :attr:`should_stop` is set, saved or
+        not). What :meth:`step` does after logging; the :class:`~evertrain.Trainer`, which
+        counts its own steps, calls it directly. Collective under torchrun.
+
+        Returns:
+            The checkpoint directory saved now, else None.
+
+        Raises:
+            CheckpointError: as :meth:`save`.
+        """
+        due = self.save_policy.should_save(self.progress.global_step, time.monotonic())
         sig = signal.Signals[self._signal].value if self._signal else 0
         # one collective for both decisions: a timer or a signal on one rank only would
         # otherwise leave the other ranks waiting in the save's collectives
-        sig, due_any = self.group.max_ints([sig, int(due or save or self._save_pending)])
+        sig, due_any = self.group.max_ints([sig, int(due or force or self._save_pending)])
         saved = None
         if sig or due_any:
             saved = self.save()
@@ -417,13 +448,19 @@ class Checkpointer:
 
     def log(self, record: Mapping[str, Any]) -> None:
         """Append ``record`` (JSON values, e.g. ``{"kind": "eval", "global_step": N,
-        "val_loss": x}``) to ``metrics.jsonl`` (rank 0); rewound with the checkpoints."""
+        "val_loss": x}``) to ``metrics.jsonl`` (rank 0); rewound with the checkpoints.
+
+        Raises:
+            RuntimeError: :meth:`resume` (or :meth:`start_fresh`) was not called first.
+            TypeError: a value JSON cannot write.
+        """
         if self.metrics is None:
             raise RuntimeError("call Checkpointer.resume() before log()")
         self.metrics.write(dict(record))
 
     def save(self) -> Path | None:
-        """Commit a checkpoint of every owner at the current global_step now.
+        """Commit a checkpoint of every owner at the current global_step now. Collective
+        under torchrun (every rank writes its per-rank owners, rank 0 commits).
 
         Returns:
             The checkpoint directory, or None when skipped for disk space (warned; retried
@@ -432,6 +469,7 @@ class Checkpointer:
         Raises:
             CheckpointError: a state value that is neither JSON nor a tensor, named by owner
                 and key path (nothing is written); CheckpointWriteError on an OS error.
+            RuntimeError: :meth:`resume` (or :meth:`start_fresh`) was not called first.
         """
         if self.metrics is None:
             raise RuntimeError("call Checkpointer.resume() before save()")
@@ -475,7 +513,7 @@ class Checkpointer:
             return None
         self._save_pending = False
         self.save_policy.mark_saved(step, time.monotonic())
-        self.last_checkpoint = path
+        self.last_checkpoint, self.last_saved_step = path, step
         for stats in self.manager.take_stats():
             self.metrics.write(stats.as_metrics())
         return path

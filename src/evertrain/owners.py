@@ -145,21 +145,26 @@ class ModuleState:
 
 
 def optimizer_state(
-    optimizer: torch.optim.Optimizer, model: torch.nn.Module | None, name: str = "optimizer"
+    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module | None,
+    params: dict[str, torch.nn.Parameter] | None = None,
+    name: str = "optimizer",
 ) -> OptimizerState:
-    """The owner of ``optimizer``'s state, keyed by ``model``'s parameter names.
+    """The owner of ``optimizer``'s state, keyed by parameter name: ``params`` (name ->
+    parameter, e.g. a PEFT adapter's names), default ``model``'s :func:`named_parameters`.
 
     Raises:
         TypeError: no model was given (moments are stored by parameter name), or the
             optimizer holds a parameter that is not one of the model's.
     """
-    if model is None:
+    if model is None and params is None:
         raise TypeError(
             f"{name}: pass model= too: optimizer state is stored by parameter name, so that a "
             f"changed model is refused on resume instead of getting the wrong moments"
         )
     try:
-        return OptimizerState(optimizer, named_parameters(model))
+        named = params if params is not None else named_parameters(model)  # type: ignore[arg-type]
+        return OptimizerState(optimizer, named)
     except ValueError:
         raise TypeError(
             f"{name}: the optimizer holds a parameter that is not in model=; build it from "
@@ -201,7 +206,8 @@ class ObjectState:
         """Hand the saved state to the object.
 
         Raises:
-            StateError: the checkpoint's object was of another class.
+            StateError: the checkpoint's object was of another class, or the object's own
+                ``load_state_dict`` refused the state (its message follows the owner's name).
         """
         check_version(state, self.name, self.VERSION)
         if state["class"] != self.class_name:
@@ -209,4 +215,10 @@ class ObjectState:
                 f"{self.name}: the checkpoint holds the state of a {state['class']}, this run "
                 f"passes a {self.class_name}; pass the same class, or use a new run directory"
             )
-        self.obj.load_state_dict(state["state"])
+        try:
+            self.obj.load_state_dict(state["state"])
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+            raise StateError(
+                f"{self.name}: the {self.class_name} refused the checkpoint's state "
+                f"({type(e).__name__}: {e}); pass one built like the run that wrote it"
+            ) from e

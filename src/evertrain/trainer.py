@@ -37,8 +37,7 @@ from evertrain.data import DataCursor, make_loader
 from evertrain.data.loader import dataset_fingerprint
 from evertrain.faults import maybe_crash
 from evertrain.metrics import MetricsLog
-from evertrain.optim import OptimizerState
-from evertrain.owners import ModuleState, ObjectState, named_parameters
+from evertrain.owners import ModuleState, ObjectState, optimizer_state
 from evertrain.progress import Progress
 from evertrain.train_settings import (
     LossFn,
@@ -129,8 +128,9 @@ class Trainer:
         self.forward = forward or model
         self.loss_fn, self.count_targets = loss_fn, count_targets
         self.tokenizer = tokenizer
-        self.dist = group or distributed.Group()
-        self.device = self.dist.device
+        self.dist = group or distributed.current_group()
+        # batches go where the model is (a CUDA model in a CPU process group, too)
+        self.device = next(model.parameters()).device if group is None else self.dist.device
         self.world_size, self.rank = self.dist.world_size, self.dist.rank
         self.grad_accum_steps = s.grad_accum_steps
         self.train_ds, self.val_ds = train_data, eval_data
@@ -139,8 +139,8 @@ class Trainer:
         name, owner = model_owner or ("model", ModuleState(model))
         self.model_owner = name
         state_owners[name] = owner
-        params = named_params if named_params is not None else named_parameters(model)
-        state_owners["optimizer"] = OptimizerState(optimizer, params)
+        params = named_params
+        state_owners["optimizer"] = optimizer_state(optimizer, model, params)
         if scheduler is not None:
             stateful_version = hasattr(scheduler, "VERSION")  # an evertrain owner as is
             state_owners["scheduler"] = (
@@ -193,8 +193,6 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.summary_fields = summary_fields or dict
         self.resumed_from: int | None = None
-        self._saved_step: int | None = None
-        self._save_pending = False
         self.loader: Any = None
         self.on_step: list[Callable[[StepStats], None]] = []
         self.on_step.extend(distributed.debug_hooks(self))
@@ -225,7 +223,7 @@ class Trainer:
         step = self.ckpt.resume()
         info = self.ckpt.last_checkpoint
         if info is not None:
-            self.resumed_from = self._saved_step = step
+            self.resumed_from = step
             summary = self.ckpt.latest()
             self.last_eval = dict(summary.summary.get("metrics", {})) if summary else {}
             for change in getattr(self.scheduler, "changes", list)():
@@ -273,10 +271,29 @@ class Trainer:
         With ``checkpoint.async`` the state is only copied here and the checkpoint is
         committed in the background (see :meth:`wait_for_checkpoint`).
         """
-        path = self.ckpt.save()
-        if path is not None:
-            self._saved_step = self.progress.global_step
-        return path
+        return self.ckpt.save()
+
+    def load_owner_state(self, name: str, state: dict[str, Any]) -> None:
+        """Apply ``state`` to owner ``name`` (``progress``, ``optimizer``, ``data_cursor``,
+        ...) as a resume would: how an importer hands over state converted from another
+        trainer's checkpoint.
+
+        Raises:
+            KeyError: no owner ``name``.
+            evertrain.state.StateError: the owner refuses the state.
+        """
+        owners = self.ckpt.owners
+        if name not in owners:
+            raise KeyError(f"no owner {name!r}; the owners are {sorted(owners)}")
+        owners[name].load_state_dict(state)
+
+    def owner_state(self, name: str) -> dict[str, Any]:
+        """Owner ``name``'s current state dict (as it would be saved).
+
+        Raises:
+            KeyError: no owner ``name``.
+        """
+        return dict(self.ckpt.owners[name].state_dict())
 
     def override_owner_state(self, name: str, state: dict[str, Any]) -> None:
         """Checkpoint ``state`` as owner ``name``'s state at every later :meth:`save`
@@ -307,7 +324,7 @@ class Trainer:
 
     def save_policy_last_step(self) -> int | None:
         """global_step of the last checkpoint this process committed (or resumed from)."""
-        return self._saved_step
+        return self.ckpt.last_saved_step
 
     # ------------------------------------------------------------------ eval
 
@@ -403,9 +420,10 @@ class Trainer:
                     loss = self.loss_fn(self.forward, batch) / n_micro
                 loss.backward()
             loss_sum += loss.item()
+            first = next(iter(batch.values()))
             mask = batch.get("attention_mask")
-            tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-            examples += batch["input_ids"].shape[0]
+            tokens += int(mask.sum()) if mask is not None else first.numel()
+            examples += first.shape[0]
             maybe_crash("micro", step + 1, micro)
             self.dist.maybe_crash("micro", step + 1, micro)
         norm = torch.nn.utils.clip_grad_norm_(
@@ -465,62 +483,56 @@ class Trainer:
         return done
 
     def fit(self, max_steps: int | None = None) -> str:
-        """Train until ``total_steps`` (or ``max_steps``) or a stop signal; saves at the
-        end and on a stop.
+        """Train until ``total_steps`` (or ``max_steps``) or a stop signal; evaluates and
+        saves by the settings' policies, at the end, and on a stop.
 
         Returns:
-            ``"done"`` or the name of the signal that stopped it (state saved either way).
+            ``"done"`` or the name of the signal that stopped it (state saved either way,
+            unless the disk was too full: then a warning says so).
 
         Raises:
-            ConfigError: the trainer has neither ``total_steps`` nor ``max_steps``.
+            ConfigError: the trainer has neither ``total_steps`` nor ``max_steps``, or no
+                ``train_data``.
+            RuntimeError: :meth:`resume` or :meth:`start_fresh` was not called.
+            CheckpointError: a save failed (see :meth:`save`).
         """
-        p = self.progress
+        p, cursor = self.progress, self.cursor
         if self.total_steps is None:
             raise ConfigError("train.max_steps: needed when the trainer has no data of its own")
         end = min(self.total_steps, max_steps) if max_steps else self.total_steps
         self.model.train()
         self.save_policy.mark_saved(p.global_step, time.monotonic())
-        cursor = self.cursor
-        stopped: str | None = None
-
-        def before_step() -> bool:
-            nonlocal stopped
-            # Ranks agree on stopping after each step: a rank stopping alone would leave
-            # the others waiting in a collective.
-            stopped = self.dist.agree_stop(self.ckpt.stop_requested)
-            return stopped is None
 
         def after_step(stats: StepStats) -> bool:
             if cursor is not None and cursor.epoch != stats.epoch:
                 maybe_crash("epoch", cursor.epoch)
-            self._maybe_eval_and_save(end)
-            return True
+            self._eval_if_due(end)
+            # the save policy, a skipped save's retry and stop signals, agreed by all ranks
+            self.ckpt.maybe_save(force=p.global_step == end)
+            return not self.ckpt.should_stop
 
         with self.ckpt.stop_on_signals():
             self.run(
                 self.batches(),
                 end - p.global_step,
                 epoch=lambda: cursor.epoch if cursor is not None else 0,
-                before_step=before_step,
+                before_step=lambda: not self.ckpt.should_stop,
                 after_step=after_step,
             )
-            stopped = self.dist.agree_stop(self.ckpt.stop_requested)
-            if stopped and self.save_policy_last_step() != p.global_step:
-                self.save()
             # Inside the signal guard: a second SIGTERM cannot cut the last save short.
             self.wait_for_checkpoint()
-        if stopped:
+        if self.ckpt.should_stop:
             log.warning(
                 "stopped by %s at global_step %d; checkpoint saved. Resume with the "
                 "same command (evertrain train ... --run-dir %s)",
-                stopped,
+                self.ckpt.stop_reason,
                 p.global_step,
                 self.run_dir,
             )
-            return stopped
+            return self.ckpt.stop_reason or "stopped"
         return "done"
 
-    def _maybe_eval_and_save(self, end: int) -> None:
+    def _eval_if_due(self, end: int) -> None:
         p, every = self.progress, self.settings.eval_every_steps
         if (every and p.global_step % every == 0) or p.global_step == end:
             self.last_eval = self.evaluate()
@@ -528,14 +540,6 @@ class Trainer:
                 self.metrics.write({"kind": "eval", "global_step": p.global_step, **self.last_eval})
                 c = self.checkpoint_config
                 self.progress.track_best(self.last_eval.get(c.best_metric), c.best_mode)
-        # A save skipped for disk space is retried every step until it succeeds.
-        if (
-            p.global_step == end
-            or self._save_pending
-            # agreed: a timer (every_seconds) may fire on one rank and not another
-            or self.dist.any(self.save_policy.should_save(p.global_step, time.monotonic()))
-        ):
-            self._save_pending = self.save() is None
 
     def close(self) -> None:
         """Wait for a background save (raising its error), then close ``metrics.jsonl``."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -53,8 +54,9 @@ def watch(
     from evertrain.daemon.lock import RunLock, RunLockedError
 
     # Refuse a second daemon at once, before loading torch and the model (the daemon takes
-    # the lock again for good when it starts).
-    if (run_dir / "daemon.lock").exists():
+    # the lock again for good when it starts). Under torchrun only rank 0 probes: the other
+    # ranks would find rank 0's lock held and exit as if a second daemon were running.
+    if os.environ.get("RANK", "0") in ("", "0") and (run_dir / "daemon.lock").exists():
         probe = RunLock(run_dir / "daemon.lock")
         try:
             probe.acquire()

@@ -226,7 +226,6 @@ class Daemon(FileWork):
         self.link = RankLink(trainer.dist)
         sched = trainer.scheduler
         assert isinstance(sched, StreamScheduler)
-        trainer.save_policy.mark_saved(trainer.progress.global_step, time.monotonic())
         committed = trainer.checkpoints.committed()
         if committed:
             c = committed[-1]

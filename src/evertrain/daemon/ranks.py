@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -129,37 +130,69 @@ class Follower:
         return 0
 
     def _follow(self, tr: Any, sched: StreamScheduler) -> None:
+        """Execute rank 0's commands until ``stop``; a file's steps run in
+        :meth:`Trainer.run <evertrain.trainer.Trainer.run>`, the loop rank 0 runs too."""
         data = FileData(self.cfg, tr.tokenizer, capacity=max(8, self.cfg.watch.eval_earlier_files))
-        batches: Generator[dict[str, torch.Tensor], None, None] | None = None
+        while True:
+            cmd = tr.dist.broadcast_json(None)
+            if cmd["op"] == "stop":
+                return
+            if cmd["op"] != "file":
+                self._side_command(tr, data, cmd)
+                continue
+            if self._follow_file(tr, sched, data, cmd):
+                return
+
+    def _follow_file(
+        self, tr: Any, sched: StreamScheduler, data: FileData, cmd: dict[str, Any]
+    ) -> bool:
+        """Train one file's steps as rank 0 announces them; True if ``stop`` came."""
+        step = {"n": 0, "epoch": 0}
+        stopped = False
+
+        def before_step() -> bool:
+            nonlocal stopped
+            while True:  # evaluations and saves between steps, until the next step
+                nxt = tr.dist.broadcast_json(None)
+                op = nxt["op"]
+                if op == "step":
+                    step.update(n=int(nxt["n"]), epoch=int(nxt["epoch"]))
+                    return True
+                if op in ("end", "file", "stop"):
+                    stopped = op == "stop"
+                    if op == "file":  # rank 0 never starts a file inside one
+                        raise RuntimeError("watch follower: a file before the last one ended")
+                    return False
+                self._side_command(tr, data, nxt)
+
+        def after_step(stats: Any) -> bool:
+            tr.dist.any(self.stop_requested)  # rank 0's any_stop: every rank stops alike
+            return True
+
+        batches = self._file_batches(tr, sched, data, cmd)
         try:
-            while True:
-                cmd = tr.dist.broadcast_json(None)
-                op = cmd["op"]
-                if op == "file":
-                    if batches is not None:
-                        batches.close()
-                    batches = self._file_batches(tr, sched, data, cmd)
-                elif op == "step":
-                    if batches is None:
-                        raise RuntimeError("watch follower: a step before any file")
-                    tr.train_step(batches, epoch=int(cmd["epoch"]), micro_batches=int(cmd["n"]))
-                    tr.dist.any(self.stop_requested)
-                elif op == "end":
-                    if batches is not None:
-                        batches.close()
-                    batches = None
-                elif op == "eval":
-                    ref = cmd["file"]
-                    tr.evaluate(data.get_val(int(ref["id"]), Path(ref["path"]), ref["hash"]))
-                elif op == "save":
-                    tr.save()
-                elif op == "stop":
-                    return
-                else:
-                    raise RuntimeError(f"watch follower: unknown command {op!r} from rank 0")
+            tr.run(
+                batches,
+                sys.maxsize,
+                epoch=lambda: step["epoch"],
+                micro_batches=lambda done: step["n"],
+                before_step=before_step,
+                after_step=after_step,
+            )
         finally:
-            if batches is not None:
-                batches.close()
+            batches.close()
+        return stopped
+
+    @staticmethod
+    def _side_command(tr: Any, data: FileData, cmd: dict[str, Any]) -> None:
+        op = cmd["op"]
+        if op == "eval":
+            ref = cmd["file"]
+            tr.evaluate(data.get_val(int(ref["id"]), Path(ref["path"]), ref["hash"]))
+        elif op == "save":
+            tr.save()
+        else:
+            raise RuntimeError(f"watch follower: unexpected command {op!r} from rank 0")
 
     def _file_batches(
         self, tr: Any, sched: StreamScheduler, data: FileData, cmd: dict[str, Any]

@@ -208,8 +208,8 @@ def _grad_accum(trainer: Any, cfg: RunConfig) -> int:
 
 def _derive_cursor(
     hf: HFCheckpoint, trainer: Any, cfg: RunConfig, notes: list[str]
-) -> dict[str, int]:
-    """Place the data cursor after as many examples as the Trainer consumed."""
+) -> dict[str, Any]:
+    """The data cursor's state after as many examples as the Trainer consumed."""
     t, cursor, step = cfg.train, trainer.cursor, hf.global_step
     hf_batch = hf.trainer_state.get("train_batch_size")
     if hf_batch != t.micro_batch_size:
@@ -218,7 +218,7 @@ def _derive_cursor(
             f"{hf_batch!r} differs from train.micro_batch_size {t.micro_batch_size}, so the "
             f"examples the Trainer consumed cannot be counted in evertrain's batches"
         )
-        return {"epoch": 0, "offset": 0, "examples_seen": 0}
+        return {**trainer.cursor.state_dict(), "epoch": 0, "offset": 0, "examples_seen": 0}
     accum = _grad_accum(trainer, cfg)
     examples = step * t.micro_batch_size * accum * getattr(trainer, "world_size", 1)
     # The examples an epoch uses (after drop_last), in the cursor's own unit.
@@ -229,22 +229,21 @@ def _derive_cursor(
         "offset": examples % per_epoch,
         "examples_seen": examples,
     }
-    cursor.load_state_dict(state)
     notes.append(
         f"data cursor after {state['examples_seen']} examples (global_step {step} x "
         f"micro_batch_size {t.micro_batch_size} x grad_accum_steps {accum}, "
         f"assumed equal to the Trainer's gradient_accumulation_steps, which lives only in "
-        f"the unopened training_args.bin): epoch {cursor.epoch}, offset {cursor.offset} of "
+        f"the unopened training_args.bin): epoch {state['epoch']}, offset {state['offset']} of "
         f"evertrain's own data order; the Trainer's sampler order is not carried over, only "
         f"the count"
     )
     hf_epoch = hf.trainer_state.get("epoch")
-    if isinstance(hf_epoch, (int, float)) and int(hf_epoch) != cursor.epoch:
+    if isinstance(hf_epoch, (int, float)) and int(hf_epoch) != state["epoch"]:
         notes.append(
             f"the Trainer was in epoch {hf_epoch:.3f} of its data, evertrain's cursor is in "
-            f"epoch {cursor.epoch}: the data sets differ in size"
+            f"epoch {state['epoch']}: the data sets differ in size"
         )
-    return {"epoch": cursor.epoch, "offset": cursor.offset, "examples_seen": cursor.examples_seen}
+    return state
 
 
 def import_hf_checkpoint(
@@ -300,17 +299,19 @@ def import_hf_checkpoint(
                 if cfg.lora is not None:
                     _check_adapter_config(hf, cfg, trainer.model)
                 load_trainable_state(trainer.model, _weights_for_model(hf, trainer.model, notes))
-                trainer.owners["optimizer"].load_state_dict(
-                    optimizer_state(hf, trainer, cfg, notes)
-                )
-                p = trainer.progress
-                p.global_step = hf.global_step
-                p.micro_step = hf.global_step * _grad_accum(trainer, cfg)
+                trainer.load_owner_state("optimizer", optimizer_state(hf, trainer, cfg, notes))
                 cursor = _derive_cursor(hf, trainer, cfg, notes)
-                p.examples_seen = cursor["examples_seen"]
+                trainer.load_owner_state("data_cursor", cursor)
                 tokens = hf.trainer_state.get("num_input_tokens_seen")
-                p.tokens_seen = int(tokens) if isinstance(tokens, int) else 0
-                if not p.tokens_seen:
+                progress = {
+                    **trainer.owner_state("progress"),
+                    "global_step": hf.global_step,
+                    "micro_step": hf.global_step * _grad_accum(trainer, cfg),
+                    "examples_seen": cursor["examples_seen"],
+                    "tokens_seen": int(tokens) if isinstance(tokens, int) else 0,
+                }
+                trainer.load_owner_state("progress", progress)
+                if not progress["tokens_seen"]:
                     notes.append("tokens_seen starts at 0: the Trainer did not count tokens")
                 rng = _rng_state(hf, notes)
                 if rng is not None:
