@@ -26,8 +26,12 @@ def cursor(ds: TokenizedDataset, g: int = 4, seed: int = SEED) -> DataCursor:
 
 
 def rows(batch: dict[str, torch.Tensor]) -> list[int]:
+    """The row ids of a batch, -1 for a padding row (whose labels are all ignored)."""
     assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape[1] == SEQ
-    return batch["input_ids"][:, 0].tolist()
+    real = batch["row_mask"].tolist()
+    pads = batch["labels"][~batch["row_mask"]]
+    assert bool((pads == -100).all()), "a padding row must carry no target token"
+    return [i if r else -1 for i, r in zip(batch["input_ids"][:, 0].tolist(), real, strict=True)]
 
 
 def take(it: object, k: int) -> list[list[int]]:
@@ -42,26 +46,32 @@ def test_order_is_a_pure_function_of_seed_and_epoch() -> None:
     assert epoch_permutation(SEED, 4, N) != a and epoch_permutation(SEED + 1, 3, N) != a
 
 
-def test_advance_rolls_over_epochs_with_drop_last() -> None:
+def test_advance_rolls_over_epochs_with_every_example_once() -> None:
     ds = make_dataset()
     c = cursor(ds)
-    assert c.steps_per_epoch == 9  # 37 // 4: one example dropped per epoch
-    for _ in range(9):
+    assert c.steps_per_epoch == 10  # ceil(37 / 4): the last global batch holds 1 example
+    for _ in range(10):
         c.advance()
-    assert (c.epoch, c.offset, c.examples_seen) == (1, 0, 36)
+    assert (c.epoch, c.offset, c.examples_seen) == (1, 0, 37)
     c.advance()
-    assert (c.epoch, c.offset, c.step_in_epoch, c.examples_seen) == (1, 4, 1, 40)
-    # indices() follows the permutation of each epoch, continuing across the boundary.
+    assert (c.epoch, c.offset, c.step_in_epoch, c.examples_seen) == (1, 4, 1, 41)
+    # indices() follows the permutation of each epoch, continuing across the boundary; the
+    # epoch's last micro-batch is its remaining example and padding.
     it = c.indices()
     perm1, perm2 = epoch_permutation(SEED, 1, N), epoch_permutation(SEED, 2, N)
-    got = list(itertools.islice(it, 9))
+    got = list(itertools.islice(it, 10))
     assert got[:8] == [perm1[s * 4 : s * 4 + 4] for s in range(1, 9)]
-    assert got[8] == perm2[:4]
+    assert got[8] == [perm1[36], -1, -1, -1]
+    assert got[9] == perm2[:4]
 
 
-def test_too_few_examples() -> None:
-    with pytest.raises(ValueError, match="fewer than one global batch"):
-        DataCursor(0, 3, 4, "x")
+def test_fewer_examples_than_a_global_batch_are_one_padded_step() -> None:
+    with pytest.raises(ValueError, match="no training examples"):
+        DataCursor(0, 0, 4, "x")
+    c = DataCursor(0, 3, 4, "x")
+    assert (c.steps_per_epoch, c.micro_steps(2), c.micro_steps(1, world_size=2)) == (1, 2, 2)
+    assert c.advance_micro(2) == 2 and c.advance_micro(2) == 1
+    assert (c.epoch, c.offset, c.examples_seen) == (1, 0, 3)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -85,7 +95,10 @@ def test_resume_matches_an_uninterrupted_loader(num_workers: int, k: int, m: int
     assert (fresh.epoch, fresh.offset) == (c.epoch, c.offset)
     rest = take(make_loader(ds, fresh, micro_batch_size=4, num_workers=num_workers, seed=SEED), m)
     assert first + rest == ref
-    assert all(len(set(r)) == 4 for r in ref)
+    real = [[i for i in r if i >= 0] for r in ref]
+    assert all(len(r) == 4 for r in ref) and all(len(set(r)) == len(r) for r in real)
+    if k + m > 9:  # crossed the end of epoch 0: its one example left, then padding
+        assert ref[9][1:] == [-1, -1, -1] and ref[9][0] >= 0
 
 
 def test_order_does_not_depend_on_world_size() -> None:
@@ -111,7 +124,7 @@ def test_resume_reads_no_consumed_example() -> None:
         state = c.state_dict() | {
             "epoch": epoch,
             "offset": offset,
-            "examples_seen": epoch * 36 + offset,
+            "examples_seen": epoch * 37 + offset,
         }
         c.load_state_dict(state)
         it = make_loader(ds, c, micro_batch_size=4, num_workers=0, seed=SEED)
@@ -119,7 +132,9 @@ def test_resume_reads_no_consumed_example() -> None:
         calls.append(ds.getitem_calls)
         perm = epoch_permutation(SEED, epoch, N)
         assert got[0] == perm[offset : offset + 4]
-    assert calls == [12, 12]
+    # 3 batches of 4 rows; from offset 32 they are rows 32-35, row 36 + 3 padding rows (one
+    # read of row 0 as their template) and 4 rows of the next epoch: 10 reads
+    assert calls == [12, 10]
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -183,13 +198,18 @@ def test_batch_size_change_only_at_a_common_multiple() -> None:
     six.load_state_dict(c.state_dict())
     assert (six.epoch, six.offset, six.examples_seen) == (0, 12, 12)
     assert next(six.indices()) == epoch_permutation(SEED, 0, N)[12:18]
-    # Offset 32 of G=4 is the end of epoch 0 for G=8 (37 // 8 = 4 steps): it rolls over.
+    # Offset 32 of G=4 is 4 whole batches of G=8: it continues there, with the epoch's
+    # last 5 examples as its short last global batch.
     for _ in range(5):
         c.advance()
     assert (c.epoch, c.offset) == (0, 32)
     eight = cursor(ds, g=8)
     eight.load_state_dict(c.state_dict())
-    assert (eight.epoch, eight.offset, eight.examples_seen) == (1, 0, 32)
+    assert (eight.epoch, eight.offset, eight.examples_seen) == (0, 32, 32)
+    assert (
+        eight.micro_steps(4) == 2
+        and next(eight.indices(micro_batch_size=4)) == (epoch_permutation(SEED, 0, N)[32:36])
+    )
 
 
 def global_steps(ds: TokenizedDataset, g: int, mbs: int, world: int, steps: int) -> list[list[int]]:
@@ -204,10 +224,10 @@ def global_steps(ds: TokenizedDataset, g: int, mbs: int, world: int, steps: int)
     out = []
     for _ in range(steps):
         ids: list[int] = []
-        for _micro in range(g // (mbs * world)):
+        for _micro in range(c.micro_steps(mbs, world)):
             for it in its:
-                ids += rows(next(it))
-            c.advance(mbs * world)
+                ids += [i for i in rows(next(it)) if i >= 0]
+            c.advance_micro(mbs, world)
         assert c.offset % g == 0  # between optimizer steps the offset is whole batches
         out.append(ids)
     return out
@@ -216,13 +236,15 @@ def global_steps(ds: TokenizedDataset, g: int, mbs: int, world: int, steps: int)
 def test_split_into_micro_steps_and_ranks_does_not_change_a_step() -> None:
     """1 process x accumulation 4, 2 x 2, 4 x 1 and 2 processes with 1-row micro-batches
     (x accumulation 4) see the same examples, in the same global order, in every optimizer
-    step, across an epoch boundary; the epoch is whole global batches (drop_last of G)."""
+    step, across an epoch boundary; every example once per epoch (the last step of an
+    epoch holds the 37 % 8 = 5 left, padded per micro-batch)."""
     ds = make_dataset()
     ref = global_steps(ds, 8, 2, 1, 10)
-    assert cursor(ds, g=8).steps_per_epoch == 4  # 37 // 8: 5 examples dropped per epoch
+    assert cursor(ds, g=8).steps_per_epoch == 5  # ceil(37 / 8)
     perm0, perm1 = epoch_permutation(SEED, 0, N), epoch_permutation(SEED, 1, N)
-    assert ref[:4] == [perm0[s * 8 : s * 8 + 8] for s in range(4)]
-    assert ref[4:8] == [perm1[s * 8 : s * 8 + 8] for s in range(4)]
+    assert ref[:5] == [perm0[s * 8 : s * 8 + 8] for s in range(5)]
+    assert ref[5:10] == [perm1[s * 8 : s * 8 + 8] for s in range(5)]
+    assert sorted(i for step in ref[:5] for i in step) == list(range(N))
     for mbs, world in ((4, 2), (2, 4), (1, 2), (8, 1)):
         assert global_steps(ds, 8, mbs, world, 10) == ref, (mbs, world)
 
@@ -236,9 +258,9 @@ def test_advance_by_micro_batches_and_split_checks() -> None:
     with pytest.raises(ValueError, match="inside a global micro-batch"):
         make_loader(ds, c, micro_batch_size=4, num_workers=0, seed=SEED)
     c.advance(2)
-    for _ in range(3):
+    for _ in range(4):
         c.advance()
-    assert (c.epoch, c.offset, c.examples_seen) == (1, 0, 32)  # epoch = 4 batches of 8
+    assert (c.epoch, c.offset, c.examples_seen) == (1, 0, 37)  # 4 batches of 8, then 5
     with pytest.raises(ValueError, match="cannot advance"):
         c.advance(40)
     with pytest.raises(ValueError, match="does not divide"):

@@ -120,12 +120,27 @@ def straight(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return config, tmp / "run"
 
 
+def step_sizes(rows: int, global_batch: int, steps: int) -> list[int]:
+    """Examples of each optimizer step when every row is trained once per epoch: whole
+    global batches, then the epoch's remainder."""
+    per_epoch = [global_batch] * (rows // global_batch) + (
+        [rows % global_batch] * (rows % global_batch > 0)
+    )
+    return (per_epoch * steps)[:steps]
+
+
 def test_straight_run_partitions_the_global_batch(straight: tuple[Path, Path]) -> None:
     _, run_dir = straight
     ids = example_ids(run_dir)
     assert sorted(ids) == list(range(1, N + 1))
-    assert all(len(v) == 8 and len(set(v)) == 8 for v in ids.values())
     states = final_states(run_dir)
+    rows = states["data_cursor"]["num_examples"]
+    sizes = step_sizes(rows, 8, N)
+    assert rows % 8 and [len(ids[s]) for s in sorted(ids)] == sizes  # a short step per epoch
+    assert all(len(set(v)) == len(v) for v in ids.values())
+    per_epoch = -(-rows // 8)
+    first_epoch = [i for s in range(1, per_epoch + 1) for i in ids[s]]
+    assert sorted(first_epoch) == list(range(rows))  # every row once, none dropped
     assert "rng_rank1" in states and not torch.equal(
         states["rng"]["torch_cpu"], states["rng_rank1"]["torch_cpu"]
     )
@@ -133,12 +148,12 @@ def test_straight_run_partitions_the_global_batch(straight: tuple[Path, Path]) -
     assert summary["ranks"] == {"world_size": 2, "per_rank_owners": ["rng"]}
     assert summary["batch"] == {"world_size": 2, "micro_batch_size": 2, "grad_accum_steps": 2}
     cursor = states["data_cursor"]
-    assert cursor["global_batch_size"] == 8 and cursor["examples_seen"] == 8 * N
+    assert cursor["global_batch_size"] == 8 and cursor["examples_seen"] == sum(sizes)
     # only rank 0 writes the metrics: each train step once, with global counts
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_lines = [x for x in lines if x["kind"] == "train"]
     assert [x["global_step"] for x in train_lines] == list(range(1, N + 1))
-    assert all(x["examples"] == 8 for x in train_lines)
+    assert [x["examples"] for x in train_lines] == sizes
 
 
 def worker_pids(parent: int) -> list[int]:
@@ -236,7 +251,8 @@ def test_resume_on_one_then_two_processes_keeps_the_global_sequence(
     assert example_ids(run_dir) == example_ids(ref)
     final = final_states(run_dir)
     assert final["data_cursor"] == final_states(ref)["data_cursor"]
-    assert final["progress"]["examples_seen"] == 8 * N
+    rows = final["data_cursor"]["num_examples"]
+    assert final["progress"]["examples_seen"] == sum(step_sizes(rows, 8, N))
     # the same training up to the reduction order: losses agree closely, not bit for bit
     mine, theirs = train_losses(run_dir), train_losses(ref)
     assert all(abs(mine[s] - theirs[s]) < 1e-2 for s in theirs), (mine, theirs)
@@ -304,7 +320,11 @@ def test_multi_rank_commit_and_choice(tmp_path: Path) -> None:
     root = tmp_path / "checkpoints"
     for r in (r0, r1):
         assert r["stop"] == "SIGTERM" and r["any"] is True and r["json"] == {"file": 7}
-        assert r["bytes"] == ["r", "rr"] and r["totals"] == [1.5, 21, 4]
+        assert r["bytes"] == ["r", "rr"] and r["totals"] == [
+            3.0,
+            21,
+            4,
+        ]  # sums: the trainer divides by the targets
     for r in (r0, r1):
         assert r["1"] == "ok step-00000001" and r["4"] == "ok step-00000004"
         assert r["2"].startswith("CheckpointWriteError") and "rank 1" in r["2"], r["2"]

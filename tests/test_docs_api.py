@@ -41,5 +41,5 @@ def test_every_code_block_of_the_api_doc_runs(
     assert "['step-00000010', 'step-00000012']" in printed
     assert "tracker: value at state/best/seen has type set" in printed
     assert "lr (0.01 -> 0.03)" in printed
-    assert "done 4 {'val_loss':" in printed  # the Trainer: 2 epochs of 22 rows // 8 per step
+    assert "done 6 {'val_loss':" in printed  # the Trainer: 2 epochs of ceil(22 / 8) steps
     assert dict(os.environ) == env_before

@@ -413,6 +413,7 @@ class ExampleIdLog:
             for ids in everyone:
                 order += ids[m * micro : (m + 1) * micro]
         if group.rank == 0:
+            order = [i for i in order if i >= 0]  # not the padding rows (index -1)
             tr.metrics.write(
                 {"kind": "example_ids", "global_step": stats.global_step, "ids": order}
             )
@@ -426,12 +427,12 @@ def debug_hooks(trainer: Any) -> list[Callable[[Any], None]]:
 def step_totals(
     group: Group, loss_sum: float, tokens: int, examples: int
 ) -> tuple[float, int, int]:
-    """The step's global loss (mean of the ranks' losses, nats), tokens and examples (sums).
+    """The step's summed token loss (nats), tokens and examples, each summed over ranks.
     A single process gets its own values back untouched."""
     if not group.distributed:
         return loss_sum, tokens, examples
     loss, tok, ex = group.sum_floats([loss_sum, float(tokens), float(examples)])
-    return loss / group.world_size, int(tok), int(ex)
+    return loss, int(tok), int(ex)
 
 
 def eval_totals(group: Group, total: float, count: int) -> tuple[float, int]:

@@ -10,9 +10,9 @@ written as a report into the run directory.
 
 The held-out loss is computed exactly as :meth:`evertrain.trainer.Trainer.evaluate` does:
 the split's rows in order, ``train.micro_batch_size`` at a time (at most
-``train.eval_max_batches`` batches), each batch's token-mean cross-entropy (nats) weighted
-by its labelled tokens (after the causal shift; every label for ``model.kind: seq2seq``,
-see :func:`evertrain.data.target_tokens`); perplexity is ``exp(loss)``. So the report of
+``train.eval_max_batches`` batches), the summed token cross-entropy (nats) of all batches
+divided by their labelled tokens (after the causal shift; every label for ``model.kind:
+seq2seq``, see :func:`evertrain.data.target_tokens`); perplexity is ``exp(loss)``. So the report of
 step N equals the ``eval`` line the trainer logged at step N. A seq2seq model's
 generations are the decoder's output for the prompt as encoder input.
 
@@ -40,6 +40,7 @@ import torch
 from evertrain.checkpoint.format import step_dir_name
 from evertrain.config import RunConfig
 from evertrain.data.pack import target_tokens
+from evertrain.train_settings import token_loss_sum
 
 # Beginnings in the style of CPython's reference documentation (the main job's data), so
 # the change a pydoc fine-tune makes is visible; override with --prompt.
@@ -173,9 +174,9 @@ def heldout_loss(
             items = [dataset[i] for i in range(start, min(start + micro_batch_size, len(dataset)))]
             batch = {k: torch.stack([r[k] for r in items]).to(device) for k in items[0]}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                loss = model(**batch).loss
-            n = target_tokens(batch["labels"], kind)
-            total, count, rows = total + float(loss) * n, count + n, rows + len(items)
+                total += float(token_loss_sum(model, batch, kind))
+            count += target_tokens(batch["labels"], kind)
+            rows += len(items)
     if count == 0:
         return None, rows, 0
     return total / count, rows, count

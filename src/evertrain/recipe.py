@@ -6,6 +6,7 @@ resumes nothing (call :meth:`Trainer.resume`).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,7 +24,8 @@ from evertrain.models import load_model, trainable_parameters
 from evertrain.optim import build_optimizer
 from evertrain.rng import seed_everything
 from evertrain.schedule import LRScheduler
-from evertrain.trainer import Trainer, TrainSettings
+from evertrain.train_settings import TrainSettings, token_loss_sum
+from evertrain.trainer import Trainer
 
 log = logging.getLogger("evertrain")
 
@@ -107,7 +109,7 @@ def build_trainer(
         # The cursor counts optimizer steps' global batches, so the data sequence does not
         # depend on the (accumulation x ranks) split.
         global_batch = t.micro_batch_size * accum * group.world_size
-        if len(train_ds) >= global_batch:
+        if len(train_ds):  # (an empty set is refused by the Trainer, with what to do)
             cursor = DataCursor(cfg.seed, len(train_ds), global_batch, train_ds.fingerprint)
             total_steps = t.max_steps or max(1, t.epochs * cursor.steps_per_epoch)
     params = trainable_parameters(model)
@@ -131,6 +133,7 @@ def build_trainer(
         settings=settings,
         train_data=train_ds,
         eval_data=val_ds,
+        loss_fn=functools.partial(token_loss_sum, kind=cfg.model.kind),
         count_targets=lambda batch: cfg.model.target_tokens(batch["labels"]),
         checkpoint=cfg.checkpoint,
         config=cfg.to_json(),

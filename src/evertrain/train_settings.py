@@ -64,9 +64,33 @@ class TrainSettings:
     num_workers: int = 0
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``model(**batch).loss``: a Hugging Face model's token-mean cross-entropy (nats)."""
-    return model(**batch).loss  # type: ignore[no-any-return]
+def token_loss_sum(
+    forward: Any, batch: dict[str, torch.Tensor], kind: str = "causal"
+) -> torch.Tensor:
+    """The **sum** of a Hugging Face LM's per-token cross-entropies (nats) over the batch's
+    target tokens: labels not ``-100``, after the causal one-token shift (``kind="causal"``)
+    or as they are (``"seq2seq"``: the decoder's targets). A scalar ``float32``; 0 (with a
+    zero gradient) for a batch without targets, where a token mean would be NaN.
+
+    Summing, rather than each model's own token mean, is what makes the loss of an
+    optimizer step the mean over **all** its target tokens whatever their split into
+    micro-batches and ranks (the trainer divides by the step's token count; the fix
+    transformers made with ``num_items_in_batch``).
+    """
+    labels = batch["labels"]
+    if kind == "causal":
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits, labels = forward(**inputs).logits[:, :-1], labels[:, 1:]
+    else:  # seq2seq: the model shifts the labels into decoder inputs itself
+        logits = forward(**batch).logits
+    return torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+    )
+
+
+def causal_lm_loss(forward: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """:func:`token_loss_sum` of a causal LM."""
+    return token_loss_sum(forward, batch, "causal")
 
 
 def count_targets(batch: Mapping[str, torch.Tensor]) -> int:

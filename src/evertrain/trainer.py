@@ -34,7 +34,7 @@ from evertrain.checkpoint import CheckpointInfo, retention_from_config
 from evertrain.checkpointer import Checkpointer, ResumeError
 from evertrain.config import CheckpointConfig, ConfigError
 from evertrain.data import DataCursor, make_loader
-from evertrain.data.loader import dataset_fingerprint
+from evertrain.data.loader import ROW_MASK, dataset_fingerprint
 from evertrain.faults import maybe_crash
 from evertrain.metrics import MetricsLog
 from evertrain.owners import ModuleState, ObjectState, optimizer_state
@@ -92,7 +92,7 @@ class Trainer:
         tokenizer: kept for callers that decode or build data (not used by the loop).
 
     Raises:
-        ConfigError: ``train_data`` has fewer rows than one global batch.
+        ConfigError: ``train_data`` is empty.
         TypeError: an owner without ``state_dict``/``load_state_dict``.
     """
 
@@ -150,14 +150,8 @@ class Trainer:
         self.cursor: DataCursor | None = None
         if train_data is not None:
             global_batch = s.micro_batch_size * s.grad_accum_steps * self.world_size
-            if len(train_data) < global_batch:
-                raise ConfigError(
-                    f"data: {len(train_data)} training sequences, fewer than one global "
-                    f"batch ({global_batch} = micro_batch_size {s.micro_batch_size} x "
-                    f"grad_accum_steps {s.grad_accum_steps} x {self.world_size} "
-                    f"process(es)); add data or lower train.micro_batch_size or "
-                    f"train.grad_accum_steps"
-                )
+            if len(train_data) == 0:
+                raise ConfigError("data: no training sequences; add data (data.files)")
             self.cursor = data_cursor or DataCursor(
                 s.seed, len(train_data), global_batch, dataset_fingerprint(train_data)
             )
@@ -347,9 +341,8 @@ class Trainer:
             rows = [ds[i] for i in range(start, min(start + mbs, len(ds)))]
             batch = {k: torch.stack([r[k] for r in rows]).to(self.device) for k in rows[0]}
             with self._autocast():
-                loss = self.loss_fn(self.forward, batch)
-            n = self.count_targets(batch)
-            total, count = total + float(loss) * n, count + n
+                total += float(self.loss_fn(self.forward, batch))
+            count += self.count_targets(batch)
         self.model.train()
         total, count = distributed.eval_totals(self.dist, total, count)
         val_loss = total / max(count, 1)
@@ -379,7 +372,7 @@ class Trainer:
             world_size=self.world_size,
         )
         for batch in self.loader:
-            self.cursor.advance(s.micro_batch_size * self.world_size)
+            self.cursor.advance_micro(s.micro_batch_size, self.world_size)
             yield batch
 
     def train_step(
@@ -390,12 +383,20 @@ class Trainer:
     ) -> StepStats:
         """One optimizer step: ``grad_accum_steps`` micro-batches, clip, step, log.
 
+        The loss is token-weighted over the whole step: the step's micro-batches are taken
+        first and their target tokens counted (and summed over ranks), then each
+        micro-batch's summed token loss is divided by that count, so the gradient is the
+        one of all the step's rows taken as one batch, whatever their lengths and their
+        split into micro-batches and ranks (as torchtune and transformers'
+        ``num_items_in_batch`` do). The logged loss is the same mean (nats per token).
+
         Args:
-            batches: yields dicts of ``[micro_batch_size, seq_len]`` tensors.
+            batches: yields dicts of ``[micro_batch_size, seq_len]`` tensors (with
+                ``row_mask``, ``bool [micro_batch_size]``, marking real rows, if padded).
             epoch: recorded in the metrics line.
-            micro_batches: micro-batches in this step, default ``grad_accum_steps``; the
-                watch daemon passes fewer for a file's last step so no example of the file
-                is dropped (the loss is then the mean over those micro-batches).
+            micro_batches: micro-batches in this step, default ``grad_accum_steps``; fewer
+                for an epoch's (or a watched file's) short last step, so no example is
+                dropped.
 
         Raises:
             ValueError: ``micro_batches`` is not in ``1..grad_accum_steps``.
@@ -411,19 +412,31 @@ class Trainer:
         step, t0 = p.global_step, time.perf_counter()
         apply = getattr(self.scheduler, "apply", None)
         lr = float(apply(step)) if callable(apply) else self.lr_at(step)
+        micro_batches_ = [next(batches) for _ in range(n_micro)]
+        rows = [b.pop(ROW_MASK, None) for b in micro_batches_]
+        targets = sum(self.count_targets(b) for b in micro_batches_)
+        # known before the first backward: every rank divides by the whole step's count
+        (global_targets,) = self.dist.sum_floats([float(targets)])
+        # DDP averages gradients over ranks; the world size undoes it into a global sum
+        scale = self.world_size / max(global_targets, 1.0)
         loss_sum, tokens, examples = 0.0, 0, 0
-        for micro in range(n_micro):
-            batch = {k: v.to(self.device) for k, v in next(batches).items()}
+        for micro, cpu_batch in enumerate(micro_batches_):
+            batch = {k: v.to(self.device) for k, v in cpu_batch.items()}
             # DDP all-reduces the gradients in the last micro-step's backward only
             with distributed.no_sync(self.forward, last=micro == n_micro - 1):
                 with self._autocast():
-                    loss = self.loss_fn(self.forward, batch) / n_micro
-                loss.backward()
-            loss_sum += loss.item()
-            first = next(iter(batch.values()))
-            mask = batch.get("attention_mask")
-            tokens += int(mask.sum()) if mask is not None else first.numel()
-            examples += first.shape[0]
+                    summed = self.loss_fn(self.forward, batch)
+                (summed * scale).backward()
+            loss_sum += summed.item()
+            real = rows[micro]
+            first = next(iter(cpu_batch.values()))
+            mask = cpu_batch.get("attention_mask")
+            if real is not None:
+                examples += int(real.sum())
+                tokens += int(mask[real].sum()) if mask is not None else first[real].numel()
+            else:
+                examples += first.shape[0]
+                tokens += int(mask.sum()) if mask is not None else first.numel()
             maybe_crash("micro", step + 1, micro)
             self.dist.maybe_crash("micro", step + 1, micro)
         norm = torch.nn.utils.clip_grad_norm_(
@@ -434,8 +447,9 @@ class Trainer:
         if self.scheduler is not None and not callable(apply):
             self.scheduler.step()  # a torch LRScheduler: stepped after the optimizer
         self.optimizer.zero_grad(set_to_none=True)
-        # global mean loss, global tokens and examples (one process: its own, untouched)
+        # the step's loss per target token, global tokens and examples
         loss_sum, tokens, examples = distributed.step_totals(self.dist, loss_sum, tokens, examples)
+        loss_sum = loss_sum / max(global_targets, 1.0)
         p.global_step, p.micro_step = step + 1, p.micro_step + n_micro
         p.examples_seen += examples
         p.tokens_seen += tokens
@@ -516,6 +530,12 @@ class Trainer:
                 self.batches(),
                 end - p.global_step,
                 epoch=lambda: cursor.epoch if cursor is not None else 0,
+                # an epoch's short last global batch takes fewer micro-steps
+                micro_batches=lambda done: (
+                    cursor.micro_steps(self.settings.micro_batch_size, self.world_size)
+                    if cursor is not None
+                    else None
+                ),
                 before_step=lambda: not self.ckpt.should_stop,
                 after_step=after_step,
             )

@@ -10,11 +10,11 @@ the ledger is reconciled to it (:mod:`evertrain.daemon.reconcile`).
 Per file: the training split is visited ``epochs_per_file`` times by a
 :class:`~evertrain.data.DataCursor` seeded from ``(run seed, file id)``; each micro-batch
 holds ``rows_per_micro`` rows of the file (``micro_batch_size`` minus the replay rows).
-A file is ``micro_total = epochs * (train_rows // rows_per_micro)`` micro-batches, trained
-in ``steps_total = ceil(micro_total / grad_accum_steps)`` optimizer steps; the last step
-takes the remaining micro-batches, so no micro-batch of the file is dropped (the cursor's
-per-epoch drop_last still leaves out ``train_rows % rows_per_micro`` rows per epoch, a
-different few each epoch).
+A file is ``micro_total = epochs * ceil(train_rows / rows_per_micro)`` micro-batches,
+trained in ``steps_total = ceil(micro_total / grad_accum_steps)`` optimizer steps; the last
+step takes the remaining micro-batches, and each epoch's last micro-batch is filled up with
+padding rows (no target tokens), so **every row of the file is trained once per epoch**
+(the ledger's ``examples`` is ``train_rows x epochs``).
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ import xxhash
 
 from evertrain.daemon.replay import ReplaySampler
 from evertrain.data import DataCursor, TokenizedDataset, make_loader
+from evertrain.data.loader import ROW_MASK
 from evertrain.state import StateError, check_version
 
 
 class FileTooSmallError(ValueError):
-    """A file has fewer training rows than its share of one micro-batch."""
+    """A file has no training rows (all of its records went to the held-out split)."""
 
 
 def file_seed(seed: int, file_id: int) -> int:
@@ -78,7 +79,8 @@ class FilePlan:
 
     @property
     def examples_total(self) -> int:
-        return self.micro_total * self.rows_per_micro
+        """Examples the file trains: every training row once per epoch."""
+        return self.train_rows * self.epochs
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,18 +116,16 @@ def plan_file(
     of the file on each rank, ``micro_total`` counts global micro-batches.
 
     Raises:
-        FileTooSmallError: fewer training rows than the file's share of one (global)
-            micro-batch.
+        FileTooSmallError: no training rows.
     """
     r = replay_rows if replay_pool else 0
     per_micro = micro_batch_size - r
-    if len(train) < per_micro * world_size:
+    if len(train) == 0:
         raise FileTooSmallError(
-            f"{len(train)} training row(s), fewer than one micro-batch ({per_micro} rows of "
-            f"this file x {world_size} process(es)); add data to the file, or lower "
-            "train.micro_batch_size"
+            "no training rows: every record went to the held-out split (data.val_fraction); "
+            "add records to the file"
         )
-    micro_total = epochs * (len(train) // (per_micro * world_size))
+    micro_total = epochs * -(-len(train) // (per_micro * world_size))
     return FilePlan(
         id=file_id,
         name=name,
@@ -256,14 +256,16 @@ def file_batches(
         for batch in loader:
             if plan.micro_done >= plan.micro_total:
                 return
-            cursor.advance(plan.rows_per_micro * world_size)
+            plan.examples += cursor.advance_micro(plan.rows_per_micro, world_size)
             step = plan.global_step_start + plan.micro_done // grad_accum_steps
             micro = plan.micro_done % grad_accum_steps
             plan.micro_done += 1
-            plan.examples += int(batch["input_ids"].shape[0]) * world_size
-            plan.tokens += int(batch["attention_mask"].sum())
+            real = batch.pop(ROW_MASK)
+            plan.tokens += int(batch["attention_mask"][real].sum())
             if replay is not None:
                 batch = replay.extend(batch, step, micro * world_size + rank)
-            yield batch
+                extra = batch["input_ids"].shape[0] - real.shape[0]  # replay rows are real
+                real = torch.cat([real, torch.ones(extra, dtype=torch.bool)])
+            yield {**batch, ROW_MASK: real}
     finally:
         loader.close()

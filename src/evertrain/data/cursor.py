@@ -6,10 +6,14 @@ epoch_seed(seed, e)))`` (its own generator, so the global RNG is never touched).
 
 The cursor's unit is the **global batch** ``G`` (``global_batch_size``): the examples one
 optimizer step consumes over all processes. The trainer uses ``G = micro_batch_size x
-grad_accum_steps x world_size``. An epoch is ``steps_per_epoch = num_examples // G`` global
-batches; the last ``num_examples % G`` examples of each epoch's permutation are dropped
-(drop_last), and since the permutation changes each epoch a different few are dropped each
-time. Global batch ``b`` of epoch ``e`` is ``perm_e[b*G:(b+1)*G]``.
+grad_accum_steps x world_size``. An epoch is ``steps_per_epoch = ceil(num_examples / G)``
+global batches and trains **every example once**: global batch ``b`` of epoch ``e`` is
+``perm_e[b*G:(b+1)*G]``, so the last one holds the ``num_examples % G`` remaining examples
+when ``G`` does not divide the data. Its micro-batches are filled up with *padding rows*
+(index :data:`PADDING`; the loader turns them into rows whose labels are all ignored, so
+they add nothing to a token-weighted loss), and it may need fewer accumulation micro-steps
+(:meth:`DataCursor.micro_steps`); a rank whose share is empty takes part with a micro-batch
+of padding only, so every rank runs the same collectives.
 
 How a global batch is split into micro-batches and ranks does not change which examples it
 holds, nor their global order: with ``m`` rows per micro-batch and ``W`` ranks, the
@@ -36,6 +40,9 @@ from evertrain.state import StateError, check_version
 log = logging.getLogger("evertrain.data")
 
 
+PADDING = -1  # the index of a padding row in a micro-batch (see the module docstring)
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """The 63-bit seed of epoch ``epoch``'s permutation: XXH3-64 of ``"order/{seed}/{epoch}"``
     (a hash, so neighbouring seeds and epochs give unrelated orders)."""
@@ -54,7 +61,7 @@ class DataCursor:
     Args:
         seed: the run seed (the order is a function of it and the epoch).
         num_examples: rows in the training set.
-        global_batch_size: examples per global batch, the unit of ``drop_last`` and of the
+        global_batch_size: examples per global batch, the unit of the
             epoch length; the trainer passes one optimizer step's examples over all ranks
             (``micro_batch_size x grad_accum_steps x world_size``).
         fingerprint: the training set's :attr:`~.dataset.TokenizedDataset.fingerprint`.
@@ -76,11 +83,8 @@ class DataCursor:
     ) -> None:
         if global_batch_size < 1:
             raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
-        if num_examples < global_batch_size:
-            raise ValueError(
-                f"{num_examples} training examples, fewer than one global batch of "
-                f"{global_batch_size}; add data or lower the batch size"
-            )
+        if num_examples < 1:
+            raise ValueError("no training examples; add data")
         self.seed, self.num_examples = int(seed), int(num_examples)
         self.global_batch_size, self.fingerprint = int(global_batch_size), str(fingerprint)
         self.epoch = 0
@@ -90,8 +94,8 @@ class DataCursor:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Global batches per epoch: ``num_examples // global_batch_size``."""
-        return self.num_examples // self.global_batch_size
+        """Global batches per epoch: ``ceil(num_examples / global_batch_size)``."""
+        return -(-self.num_examples // self.global_batch_size)
 
     @property
     def step_in_epoch(self) -> int:
@@ -100,8 +104,23 @@ class DataCursor:
 
     @property
     def epoch_examples(self) -> int:
-        """Examples an epoch uses: ``steps_per_epoch * global_batch_size`` (after drop_last)."""
-        return self.steps_per_epoch * self.global_batch_size
+        """Examples an epoch uses: all of them (``num_examples``)."""
+        return self.num_examples
+
+    def micro_steps(self, micro_batch_size: int, world_size: int = 1) -> int:
+        """Accumulation micro-steps of the global batch starting at the current position
+        (a global batch boundary): ``global_batch_size // (micro_batch_size x world_size)``,
+        fewer for an epoch's short last global batch."""
+        rows = min(self.global_batch_size, self.epoch_examples - self.offset)
+        return -(-rows // (micro_batch_size * world_size))
+
+    def advance_micro(self, micro_batch_size: int, world_size: int = 1) -> int:
+        """Record one global micro-batch (``micro_batch_size`` rows on each of
+        ``world_size`` ranks) as handed out; return how many real examples it held (fewer
+        at an epoch's end, where padding fills it)."""
+        rows = min(micro_batch_size * world_size, self.epoch_examples - self.offset)
+        self.advance(rows)
+        return rows
 
     def permutation(self, epoch: int) -> list[int]:
         """Epoch ``epoch``'s order (the current epoch's is cached)."""
@@ -115,17 +134,18 @@ class DataCursor:
         return self.permutation(epoch)[step * g : (step + 1) * g]
 
     def advance(self, examples: int | None = None) -> None:
-        """Record ``examples`` global examples as consumed (default: one global batch);
-        rolls over to the next epoch at the end of the epoch's last global batch.
+        """Record ``examples`` global examples as consumed (default: one global batch, or
+        what is left of the epoch); rolls over to the next epoch at the end of the epoch.
 
-        The trainer advances by one global micro-batch (``micro_batch_size x world_size``)
-        as each is handed out, so the offset is a multiple of ``global_batch_size`` again
-        after each optimizer step.
+        The trainer advances by one global micro-batch as each is handed out
+        (:meth:`advance_micro`), so the offset is a multiple of ``global_batch_size`` again
+        after each optimizer step (or 0 after an epoch's last).
 
         Raises:
             ValueError: ``examples`` is not positive, or would step past the epoch's end.
         """
-        n = self.global_batch_size if examples is None else int(examples)
+        left = self.epoch_examples - self.offset
+        n = min(self.global_batch_size, left) if examples is None else int(examples)
         if n < 1 or self.offset + n > self.epoch_examples:
             raise ValueError(
                 f"cannot advance by {n} examples at offset {self.offset} of an epoch of "
@@ -145,7 +165,8 @@ class DataCursor:
         The position is read when this is called (later :meth:`advance` calls do not affect
         an iterator already made). Each item is a list of ``micro_batch_size`` example
         indices (default ``global_batch_size // world_size``: one micro-batch per global
-        batch); iteration continues across epochs. See the module docstring for the split.
+        batch; :data:`PADDING` fills an epoch's last ones); iteration continues across
+        epochs. See the module docstring for the split.
 
         Raises:
             ValueError: ``world_size`` does not divide ``global_batch_size``,
@@ -169,8 +190,9 @@ class DataCursor:
             # A local permutation: the iterator may run ahead of self.epoch (prefetching).
             perm = epoch_permutation(self.seed, epoch, self.num_examples)
             for start in range(offset, end, chunk):
-                first = start + rank * mb
-                yield perm[first : first + mb]
+                first = min(start + rank * mb, end)
+                ids = perm[first : min(first + mb, end)]
+                yield ids + [PADDING] * (mb - len(ids))
             epoch, offset = epoch + 1, 0
 
     # ------------------------------------------------------------------ Stateful

@@ -12,6 +12,10 @@ Exactness rules this module enforces:
   rank)`` is always passed.
 - Worker processes seed Python's ``random``, NumPy and torch from the same value plus their
   worker id (the data itself is not random; this keeps any future augmentation exact).
+- An epoch's last micro-batches are filled up with padding rows (the cursor's
+  :data:`~.cursor.PADDING`): a copy of row 0 whose labels are all ``-100``, so it adds no
+  target token; every batch carries ``row_mask`` (``bool [micro_batch_size]``, False for
+  padding), which the trainer removes before the forward pass and counts examples with.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 import xxhash
 from torch.utils.data import DataLoader
 
-from evertrain.data.cursor import DataCursor, check_split
+from evertrain.data.cursor import PADDING, DataCursor, check_split
 from evertrain.data.dataset import TokenizedDataset
 
 CONSUMED_KEPT = 4096  # index lists DataIterator.consumed keeps (bounds its memory)
@@ -43,6 +47,29 @@ def _seed_worker(worker_id: int, *, base: int) -> None:
     random.seed(s)
     np.random.seed(s % (1 << 32))
     torch.manual_seed(s)
+
+
+ROW_MASK = "row_mask"  # batch key: which rows are real examples (not padding)
+
+
+class _PaddedRows:
+    """``dataset`` plus the padding row at index :data:`~.cursor.PADDING`; every row
+    gets its ``row_mask`` entry."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        self.padding: dict[str, torch.Tensor] | None = None  # read when first needed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if index != PADDING:
+            return {**self.dataset[index], ROW_MASK: torch.tensor(True)}
+        if self.padding is None:
+            row = self.dataset[0]
+            self.padding = {**row, "labels": torch.full_like(row["labels"], -100)}
+        return {**self.padding, ROW_MASK: torch.tensor(False)}
 
 
 def _collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -132,7 +159,7 @@ def make_loader(
 ) -> DataIterator:
     """Micro-batches for ``rank`` from the cursor's current position (snapshot at call).
 
-    The caller advances the cursor (``cursor.advance(micro_batch_size * world_size)``) once
+    The caller advances the cursor (``cursor.advance_micro(micro_batch_size, world_size)``) once
     per consumed global micro-batch; prefetching by the loader does not move the cursor.
 
     Args:
@@ -160,7 +187,7 @@ def make_loader(
     sampler = _CursorBatchSampler(cursor, micro_batch_size, rank, world_size)
     base = _loader_seed(seed, cursor.epoch, cursor.offset, rank)
     loader: DataLoader[Any] = DataLoader(
-        dataset,
+        _PaddedRows(dataset),  # type: ignore[arg-type]
         batch_sampler=sampler,  # type: ignore[arg-type]
         num_workers=num_workers,
         collate_fn=_collate,

@@ -220,18 +220,19 @@ def _derive_cursor(
         )
         return {**trainer.cursor.state_dict(), "epoch": 0, "offset": 0, "examples_seen": 0}
     accum = _grad_accum(trainer, cfg)
-    examples = step * t.micro_batch_size * accum * getattr(trainer, "world_size", 1)
-    # The examples an epoch uses (after drop_last), in the cursor's own unit.
-    per_epoch = cursor.steps_per_epoch * cursor.global_batch_size
+    # Counted in optimizer steps: an epoch is steps_per_epoch of them, its last one short
+    # when the global batch does not divide the data (every example once per epoch).
+    epoch, in_epoch = divmod(step, cursor.steps_per_epoch)
+    offset = in_epoch * cursor.global_batch_size
     state = {
         **cursor.state_dict(),
-        "epoch": examples // per_epoch,
-        "offset": examples % per_epoch,
-        "examples_seen": examples,
+        "epoch": epoch,
+        "offset": offset,
+        "examples_seen": epoch * cursor.epoch_examples + offset,
     }
     notes.append(
-        f"data cursor after {state['examples_seen']} examples (global_step {step} x "
-        f"micro_batch_size {t.micro_batch_size} x grad_accum_steps {accum}, "
+        f"data cursor after {state['examples_seen']} examples (global_step {step} in steps "
+        f"of micro_batch_size {t.micro_batch_size} x grad_accum_steps {accum}, "
         f"assumed equal to the Trainer's gradient_accumulation_steps, which lives only in "
         f"the unopened training_args.bin): epoch {state['epoch']}, offset {state['offset']} of "
         f"evertrain's own data order; the Trainer's sampler order is not carried over, only "
