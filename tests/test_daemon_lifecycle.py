@@ -4,7 +4,6 @@ checkpoint and exit 0; pause, disk-full and snapshots while a daemon runs."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -65,7 +64,7 @@ def test_second_daemon_refused_and_sigterm_leaves_a_checkpoint(tmp_path: Path) -
         write_control(run / "control.json", paused=True)
         wait_for(lambda: status(run).get("state") == "paused", what="paused")
         second = evertrain("watch", str(run), check=False, timeout=120)
-        assert second.returncode == 3, second.stderr
+        assert second.returncode == 2, second.stderr
         assert f"pid {first.pid}" in second.stderr and "another `evertrain watch`" in second.stderr
 
         shown = CliRunner().invoke(app, ["status", str(run), "--json"])
@@ -110,11 +109,39 @@ def steps_done(run: Path) -> int:
     return int(cur.get("steps_done", 0))  # type: ignore[union-attr]
 
 
-def test_lock_names_the_holder(tmp_path: Path) -> None:
-    with RunLock(tmp_path / "daemon.lock"):
-        with pytest.raises(RunLockedError, match=f"pid {os.getpid()} on host"):
-            RunLock(tmp_path / "daemon.lock").acquire()
-    RunLock(tmp_path / "daemon.lock").acquire()  # released: free again
+HOLD = (
+    "import sys, time\n"
+    "from evertrain.runlock import RunLock\n"
+    "RunLock(sys.argv[1]).acquire()\n"
+    "print('held', flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+def test_lock_names_the_holder_and_is_shared_within_a_process(tmp_path: Path) -> None:
+    path = tmp_path / "daemon.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        before = path.read_bytes()
+        with pytest.raises(RunLockedError, match=f"in use by pid {holder.pid} on host"):
+            RunLock(path).acquire()
+        assert path.read_bytes() == before  # the refused probe did not touch the record
+    finally:
+        holder.kill()
+        holder.wait()
+    # one process: the daemon's trainer takes the lock its daemon holds (a reference)
+    first, second = RunLock(path), RunLock(path)
+    first.acquire()
+    second.acquire()
+    second.release()
+    probe = subprocess.run([sys.executable, "-c", HOLD.replace("120", "0"), str(path)],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert probe.returncode != 0 and "in use by pid" in probe.stderr  # still held
+    first.release()
+    RunLock(path).acquire()  # released: free again
 
 
 def test_pause_disk_full_retry_and_snapshots(tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ from evertrain.owners import (
 )
 from evertrain.progress import Progress
 from evertrain.rng import RNGState
+from evertrain.runlock import LOCK_NAME, RunLock
 from evertrain.signals import on_stop_signals
 from evertrain.state import StateError
 from evertrain.versions import versions
@@ -109,6 +110,10 @@ class Checkpointer:
             (a ``"metrics"`` field replaces the last ``step()`` metrics there).
         group: this process's place in the run (default: from the initialised default
             process group, else one process).
+        lock: hold the run directory's lock (``RUN/daemon.lock``, rank 0) from here to
+            :meth:`close`, so a second writer (another loop, ``evertrain train`` or
+            ``watch``) is refused instead of corrupting the run; shared with the holder
+            when this process already holds it (the daemon).
 
     Raises:
         TypeError: an owner without ``state_dict``/``load_state_dict``, an optimizer without
@@ -116,6 +121,8 @@ class Checkpointer:
         evertrain.config_json.ConfigTypeError: ``config`` holds a value JSON cannot store.
         evertrain.distributed.DistributedError: several torchrun processes but no process
             group.
+        evertrain.runlock.RunLockedError: another process writes the run directory (the
+            message names its pid, host and start time).
     """
 
     def __init__(
@@ -141,6 +148,7 @@ class Checkpointer:
         rank_state: Callable[[str, Mapping[str, Any]], dict[str, Any]] | None = None,
         summary: Callable[[], Mapping[str, Any]] | None = None,
         group: Group | None = None,
+        lock: bool = True,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.owners: dict[str, Any] = {}
@@ -201,6 +209,9 @@ class Checkpointer:
         self._closed = False
         self._chose = False
         self._overrides: dict[str, dict[str, Any]] = {}
+        self._lock = RunLock(self.run_dir / LOCK_NAME) if lock and self.group.rank == 0 else None
+        if self._lock is not None:
+            self._lock.acquire()  # last: a refused argument above leaves no directory behind
         self._chosen: CheckpointInfo | None = None
 
     # ------------------------------------------------------------------ resume
@@ -532,6 +543,8 @@ class Checkpointer:
         finally:
             if self.metrics is not None:
                 self.metrics.close()
+            if self._lock is not None:
+                self._lock.release()
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -6,6 +6,7 @@ resumes nothing (call :meth:`Trainer.resume`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Callable, Mapping
@@ -23,6 +24,7 @@ from evertrain.model_state import AdapterConfigState, ModelState
 from evertrain.models import load_model, trainable_parameters
 from evertrain.optim import build_optimizer
 from evertrain.rng import seed_everything
+from evertrain.runlock import LOCK_NAME, RunLock
 from evertrain.schedule import LRScheduler
 from evertrain.train_settings import TrainSettings, token_loss_sum
 from evertrain.trainer import Trainer
@@ -88,72 +90,76 @@ def build_trainer(
     Raises:
         ConfigError: bad data geometry or a resume geometry that cannot keep the batch.
         evertrain.models.ModelSourceError, evertrain.data.DataError: see the loaders.
+        evertrain.runlock.RunLockedError: another process writes ``run_dir``.
     """
     t = cfg.train
     seed_everything(cfg.seed)
     group = distributed.setup(t.device)
-    loaded = load_model(cfg.model, cfg.lora)
-    model = loaded.model.to(group.device)
-    distributed.seed_rank(cfg.seed, group)  # ranks > 0: their own dropout masks
-    # DDP with several ranks; checkpoints name the original module's parameters
-    ddp = distributed.wrap_model(model, group)
-    forward = torch.compile(ddp) if cfg.model.compile else ddp
-    root = Path(run_dir) / "checkpoints"
-    chosen = None if fresh else choose_checkpoint(root, group, log.warning)
-    accum = grad_accum_for_resume(cfg, group.world_size, chosen)
-    settings = settings_from_config(cfg, accum)
-    train_ds = val_ds = cursor = None
-    total_steps = t.max_steps
-    if build_data:
-        train_ds, val_ds, _report = build_datasets(cfg.data, loaded.tokenizer, cfg.seed)
-        # The cursor counts optimizer steps' global batches, so the data sequence does not
-        # depend on the (accumulation x ranks) split.
-        global_batch = t.micro_batch_size * accum * group.world_size
-        if len(train_ds):  # (an empty set is refused by the Trainer, with what to do)
-            cursor = DataCursor(cfg.seed, len(train_ds), global_batch, train_ds.fingerprint)
-            total_steps = t.max_steps or max(1, t.epochs * cursor.steps_per_epoch)
-    params = trainable_parameters(model)
-    optimizer = build_optimizer(params, t)
-    scheduler = (
-        LRScheduler(optimizer, t.schedule, t.lr, total_steps)
-        if make_scheduler is None
-        else make_scheduler(optimizer)
-    )
-
-    def rank_rng(owner: str, states: Mapping[str, Any]) -> dict[str, Any]:
-        return rng_state_for_rank(
-            states, rank=group.rank, world_size=group.world_size, seed=cfg.seed
+    # one writer per run directory: held while the checkpoint is chosen, and by the
+    # Trainer's Checkpointer from its construction on (a shared reference)
+    with RunLock(Path(run_dir) / LOCK_NAME) if group.rank == 0 else contextlib.nullcontext():
+        loaded = load_model(cfg.model, cfg.lora)
+        model = loaded.model.to(group.device)
+        distributed.seed_rank(cfg.seed, group)  # ranks > 0: their own dropout masks
+        # DDP with several ranks; checkpoints name the original module's parameters
+        ddp = distributed.wrap_model(model, group)
+        forward = torch.compile(ddp) if cfg.model.compile else ddp
+        root = Path(run_dir) / "checkpoints"
+        chosen = None if fresh else choose_checkpoint(root, group, log.warning)
+        accum = grad_accum_for_resume(cfg, group.world_size, chosen)
+        settings = settings_from_config(cfg, accum)
+        train_ds = val_ds = cursor = None
+        total_steps = t.max_steps
+        if build_data:
+            train_ds, val_ds, _report = build_datasets(cfg.data, loaded.tokenizer, cfg.seed)
+            # The cursor counts optimizer steps' global batches, so the data sequence does not
+            # depend on the (accumulation x ranks) split.
+            global_batch = t.micro_batch_size * accum * group.world_size
+            if len(train_ds):  # (an empty set is refused by the Trainer, with what to do)
+                cursor = DataCursor(cfg.seed, len(train_ds), global_batch, train_ds.fingerprint)
+                total_steps = t.max_steps or max(1, t.epochs * cursor.steps_per_epoch)
+        params = trainable_parameters(model)
+        optimizer = build_optimizer(params, t)
+        scheduler = (
+            LRScheduler(optimizer, t.schedule, t.lr, total_steps)
+            if make_scheduler is None
+            else make_scheduler(optimizer)
         )
 
-    return Trainer(
-        model,
-        optimizer,
-        scheduler,
-        run_dir=run_dir,
-        settings=settings,
-        train_data=train_ds,
-        eval_data=val_ds,
-        loss_fn=functools.partial(token_loss_sum, kind=cfg.model.kind),
-        count_targets=lambda batch: cfg.model.target_tokens(batch["labels"]),
-        checkpoint=cfg.checkpoint,
-        config=cfg.to_json(),
-        allow_config_change=config_change_allowed(allow_config_change),
-        group=group,
-        forward=forward,
-        model_owner=(
-            "adapter_model" if cfg.lora is not None else "model",
-            ModelState(model, loaded.identity),
-        ),
-        named_params=params,
-        owners={
-            # LoRA: PEFT's adapter_config.json beside the adapter weights
-            **({"adapter_config": AdapterConfigState(model)} if cfg.lora is not None else {}),
-            **(extra_owners or {}),
-        },
-        data_cursor=cursor,
-        total_steps=total_steps,
-        resume_from=None if fresh else chosen,
-        rank_state=rank_rng,
-        summary_fields=summary_fields,
-        tokenizer=loaded.tokenizer,
-    )
+        def rank_rng(owner: str, states: Mapping[str, Any]) -> dict[str, Any]:
+            return rng_state_for_rank(
+                states, rank=group.rank, world_size=group.world_size, seed=cfg.seed
+            )
+
+        return Trainer(
+            model,
+            optimizer,
+            scheduler,
+            run_dir=run_dir,
+            settings=settings,
+            train_data=train_ds,
+            eval_data=val_ds,
+            loss_fn=functools.partial(token_loss_sum, kind=cfg.model.kind),
+            count_targets=lambda batch: cfg.model.target_tokens(batch["labels"]),
+            checkpoint=cfg.checkpoint,
+            config=cfg.to_json(),
+            allow_config_change=config_change_allowed(allow_config_change),
+            group=group,
+            forward=forward,
+            model_owner=(
+                "adapter_model" if cfg.lora is not None else "model",
+                ModelState(model, loaded.identity),
+            ),
+            named_params=params,
+            owners={
+                # LoRA: PEFT's adapter_config.json beside the adapter weights
+                **({"adapter_config": AdapterConfigState(model)} if cfg.lora is not None else {}),
+                **(extra_owners or {}),
+            },
+            data_cursor=cursor,
+            total_steps=total_steps,
+            resume_from=None if fresh else chosen,
+            rank_state=rank_rng,
+            summary_fields=summary_fields,
+            tokenizer=loaded.tokenizer,
+        )

@@ -16,6 +16,7 @@ def user_errors() -> Iterator[None]:
     """Print ``error: <message>`` (no traceback) for config, data, state and resume errors."""
     from evertrain.checkpoint import CheckpointError
     from evertrain.data import DataError
+    from evertrain.runlock import RunLockedError
     from evertrain.trainer import ResumeError
 
     try:
@@ -26,6 +27,7 @@ def user_errors() -> Iterator[None]:
         CheckpointError,
         DataError,
         ResumeError,
+        RunLockedError,
         FileNotFoundError,
     ) as e:
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)

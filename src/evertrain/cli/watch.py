@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from evertrain.daemon import Daemon
 
 log = logging.getLogger("evertrain")
-EXIT_LOCKED = 3
+EXIT_LOCKED = 2  # another process writes RUN: bad input, like a bad config
 
 
 def watch(
@@ -48,7 +48,7 @@ def watch(
     Write files into the inbox as NAME.part (or .NAME) and rename them when complete.
     Stop with Ctrl-C or SIGTERM (a checkpoint is written); run the same command to resume.
     Exit codes: 0 done/stopped, 1 final checkpoint not written (disk full), 2 bad config,
-    data or run directory, 3 another daemon runs on RUN.
+    data or run directory, or another process (daemon, train) writes RUN.
     """
     from evertrain.cli.status import console_for_tables, files_table, ledger_rows
     from evertrain.daemon.lock import RunLock, RunLockedError
