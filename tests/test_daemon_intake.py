@@ -104,7 +104,7 @@ def test_bad_inputs_rejected_with_reasons_good_files_trained(tmp_path: Path) -> 
         assert r.error is not None and phrase in r.error, (name, r.error)
         stored = run / "rejected" / f"{r.id:06d}-{name}"
         assert os.path.lexists(stored), name
-        reason = (run / "rejected" / f"{r.id:06d}-{name}.reason.txt").read_text()
+        reason = (run / "rejected" / f"{r.id:06d}.reason.txt").read_text()
         assert phrase in reason and name in reason
         assert str(run) not in reason  # the reason names the file as the user called it
     assert os.path.islink(run / "rejected" / f"{by_name['link.jsonl'].id:06d}-link.jsonl")

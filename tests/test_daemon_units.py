@@ -206,7 +206,7 @@ def test_reconcile_requeues_done_files_a_restored_checkpoint_lacks(tmp_path: Pat
     assert got[6].status == "done" and got[6].path == "processed/000006-f6.jsonl"
     assert (layout.processed / "000006-f6.jsonl").exists()
     assert got[7].path == "rejected/000007-f7.jsonl"
-    assert (layout.rejected / "000007-f7.jsonl.reason.txt").read_text().startswith("f7.jsonl")
+    assert (layout.rejected / "000007.reason.txt").read_text().startswith("f7.jsonl")
     assert sorted(os.listdir(layout.queue)) == [
         "000003-f3.jsonl",
         "000004-f4.jsonl",

@@ -101,6 +101,9 @@ class LoraConfig(_Section):
     target_modules: list[str] | None = None  # None = per-architecture default
 
 
+DEFAULT_MAX_RECORD_BYTES = 1_000_000
+
+
 class DataConfig(_Section):
     """Training data: files, record format, tokenisation and the train/val split."""
 
@@ -112,9 +115,20 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     num_workers: int = Field(0, ge=0)
     on_bad_record: Literal["fail", "skip"] = "fail"
+    # a larger record (e.g. one JSONL line) is a bad record, refused before it is parsed
+    max_record_bytes: int = Field(DEFAULT_MAX_RECORD_BYTES, gt=0)
     cache_dir: str | None = None  # tokenised-data cache; None = no cache
     # model.kind, copied in by RunConfig (not a key of its own): how documents become rows
     _model_kind: ModelKind = PrivateAttr("causal")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Dumped only when changed: a run stored before the key existed resumes without a
+        # config difference, and its tokenised-data cache keys stay what they were.
+        out = handler(self)
+        if isinstance(out, dict) and out.get("max_record_bytes") == DEFAULT_MAX_RECORD_BYTES:
+            del out["max_record_bytes"]
+        return out  # type: ignore[no-any-return]
 
     @property
     def model_kind(self) -> ModelKind:

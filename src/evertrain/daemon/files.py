@@ -4,18 +4,39 @@ The per-file state machine of :class:`~evertrain.daemon.loop.Daemon` (a ledger r
 ``queued`` -> ``validating`` -> ``training`` -> ``done``, or to ``duplicate``/``rejected``),
 with the saves and evaluations a file needs. :class:`FileWork` is mixed into the daemon,
 which provides the state and the loop helpers declared at the top of the class.
+
+A bad file never stops the daemon:
+
+- any exception while a file is validated, tokenised or trained rejects the file, with
+  the error as its reason, and the daemon goes on with the next one; not stop signals
+  (``KeyboardInterrupt``, ``SystemExit``), and not errors of the run itself
+  (:func:`~evertrain.daemon.errors.is_run_error`: a full disk, the ledger, a checkpoint),
+  which would fail every later file the same way. A file rejected in the middle of its
+  training leaves the stream there: its steps so far stay trained (the reason says how
+  many), and the next file continues from that global_step;
+- a file that kills the daemon outright (SIGKILL, a segfault, the OOM killer) cannot
+  be caught, so it is counted instead: the ledger's ``attempts`` goes up *before* the
+  work on a file begins and back down whenever the work ends with the process alive
+  (done, rejected, stopped, or an error that stops the daemon). What is left after a
+  restart is the number of deaths, counted since the file's training last advanced a
+  checkpoint (``attempt_step``), so a file killed once mid-training resumes as before.
+  A file with :data:`MAX_DEATHS` deaths is rejected ("the daemon died twice while
+  processing it") instead of being tried again.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import sqlite3
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from evertrain.daemon.errors import DaemonError, is_run_error
 from evertrain.daemon.layout import stored_name
-from evertrain.daemon.ledger import FileRow
+from evertrain.daemon.ledger import PENDING, FileRow
 from evertrain.daemon.ranks import file_ref
 from evertrain.daemon.reconcile import move, write_reason
 from evertrain.daemon.replay import ReplaySampler
@@ -38,9 +59,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("evertrain.daemon")
 
-
-class DaemonError(RuntimeError):
-    """The daemon cannot go on safely (the message says why and what to do)."""
+# Daemon deaths while working on one file (without its training advancing in between)
+# after which the file is rejected instead of tried again.
+MAX_DEATHS = 2
+_MAX_ERROR_CHARS = 500
 
 
 class FileWork:
@@ -75,17 +97,158 @@ class FileWork:
         def _write_status(self, force: bool = False) -> None: ...
         def _maybe_snapshot_after_file(self) -> None: ...
 
+    # what the file at hand is going through, for reject reasons: validating or training
+    _phase: str = "validating"
+
     def _process(self, row: FileRow) -> None:
-        cur = self.stream.current
-        loaded: tuple[FilePlan, TokenizedDataset, TokenizedDataset] | None
-        if row.status == "training" and cur is not None and cur.id == row.id:
-            loaded = self._resume_file(row, cur)
-        else:
-            loaded = self._start_file(row)
-        if loaded is None:
+        """Take ``row``'s file through its next stage (see the module docstring): quarantine
+        it, or start/resume, validate and train it, rejecting it on an error of its own."""
+        if not self._begin_attempt(row):
             return
-        plan, train, val = loaded
-        self._train_file(row, plan, train, val)
+        try:
+            self._work(row)
+        finally:
+            self._end_attempt(row)
+
+    def _work(self, row: FileRow) -> None:
+        self._phase = "validating"
+        try:
+            cur = self.stream.current
+            loaded: tuple[FilePlan, TokenizedDataset, TokenizedDataset] | None
+            if row.status == "training" and cur is not None and cur.id == row.id:
+                self._phase = "training"
+                loaded = self._resume_file(row, cur)
+            else:
+                loaded = self._start_file(row)
+            if loaded is None:
+                return
+            plan, train, val = loaded
+            self._train_file(row, plan, train, val)
+        except Exception as e:
+            if not self._is_file_error(row, e):
+                raise
+            self._fail_file(row, e)
+
+    # ------------------------------------------------------------------ bad files
+
+    def _begin_attempt(self, row: FileRow) -> bool:
+        """Count an attempt at ``row`` in the ledger before any work on it (so a death
+        during the work stays counted); False when the file was quarantined instead."""
+        assert self.ledger is not None
+        step = self.trainer.progress.global_step
+        deaths = row.attempts
+        if row.attempt_step is not None and step > row.attempt_step:
+            deaths = 0  # its training advanced since the last death: not a crash loop
+        if deaths >= MAX_DEATHS:
+            self._quarantine(row, deaths)
+            return False
+        self.ledger.update(row.id, attempts=deaths + 1, attempt_step=step)
+        return True
+
+    def _end_attempt(self, row: FileRow) -> None:
+        """Un-count the attempt begun by :meth:`_begin_attempt`: this process is alive, so
+        whatever ended the work (the file finished or was rejected, a stop request, an
+        error of the run) was not a death."""
+        assert self.ledger is not None
+        try:
+            now = self.ledger.get(row.id)
+            if now is not None and now.status not in ("done", "duplicate") and now.attempts > 0:
+                self.ledger.update(row.id, attempts=now.attempts - 1)
+        except sqlite3.Error as e:  # must not hide the error that may be on its way out
+            log.error("file %d: cannot update its attempt count: %s", row.id, e)
+
+    def _quarantine(self, row: FileRow, deaths: int) -> None:
+        cur = self.stream.current
+        plan = cur if cur is not None and cur.id == row.id else None
+        where = (
+            f" (each time in its training after step {plan.steps_done} of {plan.steps_total})"
+            if plan is not None
+            else ""
+        )
+        reason = (
+            f"{row.name}: the daemon died twice while processing it{where}, killed or crashed "
+            "without an error message (out of memory?); not tried again: drop it into the "
+            "inbox again to retry it"
+        )
+        if deaths != MAX_DEATHS:
+            reason += f" ({deaths} deaths recorded)"
+        self._reject(row, reason, **self._leave_file(plan))
+
+    def _is_file_error(self, row: FileRow, e: Exception) -> bool:
+        """Whether ``e``, raised while working on ``row``, rejects the file (else it stops
+        the daemon)."""
+        assert self.ledger is not None
+        if is_run_error(e):
+            return False
+        if row.id in self.stream.completed:
+            return False  # the stream holds it as trained: the next checkpoint would say so
+        if self._phase == "training" and self.trainer.world_size > 1:
+            return False  # the other ranks may wait in a collective for this one
+        now = self.ledger.get(row.id)
+        return now is None or now.status in PENDING
+
+    def _fail_file(self, row: FileRow, e: Exception) -> None:
+        log.error(
+            "file %d (%s): %s while %s it; rejecting it and going on",
+            row.id,
+            row.name,
+            type(e).__name__,
+            self._phase,
+            exc_info=e,
+        )
+        cur = self.stream.current
+        plan = cur if cur is not None and cur.id == row.id else None
+        detail = str(e).replace(str(self.layout.abs(row.path)), row.name)
+        detail = detail.replace(str(self.layout.root), "RUN")
+        if len(detail) > _MAX_ERROR_CHARS:
+            detail = detail[:_MAX_ERROR_CHARS] + "..."
+        reason = f"{row.name}: {type(e).__name__} while {self._phase} it"
+        reason += f": {detail}" if detail else ""
+        if plan is not None and plan.steps_done:
+            reason += (
+                f"; its first {plan.steps_done} of {plan.steps_total} optimizer steps stay trained"
+            )
+        reason += " (see logs/evertrain.log)"
+        self._reject(row, reason, **self._leave_file(plan))
+        tr = self.trainer
+        if plan is not None and tr.save_policy_last_step() != tr.progress.global_step:
+            # the steps trained since the last checkpoint would otherwise be lost to a kill
+            # before the next one: the restart would continue from before them
+            self._save_until_committed()
+
+    def _leave_file(self, plan: FilePlan | None) -> dict[str, Any]:
+        """Drop the file of ``plan`` (the stream's current file, or None: nothing to do)
+        from the stream before it is rejected; the ledger statistics of what it trained."""
+        if plan is None:
+            return {}
+        optimizer = getattr(self.trainer, "optimizer", None)
+        if optimizer is not None:
+            # a step that failed half-way leaves its micro-batches' gradients behind: the
+            # next file's first step must not add to them (a restart would not have them)
+            optimizer.zero_grad(set_to_none=True)
+        self.stream.current, self.stream.cursor = None, None
+        self._plan = None
+        step = self.trainer.progress.global_step
+        if plan.steps_done:
+            self.trainer.metrics.write(
+                {
+                    "kind": "file_end",
+                    "global_step": step,
+                    "file_id": plan.id,
+                    "name": plan.name,
+                    "rejected": True,
+                }
+            )
+        return {
+            "examples": plan.examples,
+            "tokens": plan.tokens,
+            "steps": plan.steps_done,
+            "global_step_start": plan.global_step_start,
+            "global_step_end": plan.global_step_start + plan.steps_done,
+            "loss_start": plan.loss_start,
+            "loss_end": plan.loss_end,
+            "val_loss_before": plan.val_loss_before,
+        }
 
     def _start_file(
         self, row: FileRow
@@ -125,6 +288,7 @@ class FileWork:
         except FileTooSmallError as e:
             self._reject(row, f"{row.name}: {e}")
             return None
+        self._phase = "training"
         val_before = self._eval(val, row.id, "file")
         plan.val_loss_before = val_before
         self.ledger.update(
@@ -474,16 +638,24 @@ class FileWork:
         the two)."""
         assert self.ledger is not None
         dest = self.layout.folder(status) / stored_name(row.id, row.name)
+        if status != "rejected":  # a rejected row keeps its count of daemon deaths
+            values = {"attempts": 0, "attempt_step": None, **values}
         self.ledger.update(
             row.id, status=status, path=self.layout.rel(dest), finished_at=time.time(), **values
         )
         maybe_crash(crash_point, row.id)
         if status == "rejected":
-            write_reason(dest, row.name, values["error"])
-        move(self.layout.abs(row.path), dest)
+            write_reason(self.layout.rejected, row.id, row.name, values["error"])
+        src = self.layout.abs(row.path)
+        if not os.path.lexists(src):
+            # removed from queue/ by hand: the verdict stands, there is just nothing to move
+            log.warning("file %d (%s): %s is missing", row.id, row.name, src)
+            return
+        move(src, dest)
 
-    def _reject(self, row: FileRow, reason: str) -> None:
-        self._settle(row, "rejected", "reject", error=reason)
+    def _reject(self, row: FileRow, reason: str, **values: Any) -> None:
+        """Reject ``row``'s file with ``reason`` (``values``: further ledger columns)."""
+        self._settle(row, "rejected", "reject", error=reason, **values)
         log.warning("REJECTED %s (file %d): %s", row.name, row.id, reason)
         self._emit("rejected", {"id": row.id, "name": row.name, "reason": reason})
 

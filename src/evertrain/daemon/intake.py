@@ -12,7 +12,9 @@ directories, other non-regular files, files over ``watch.max_file_bytes``, and f
 changing after ``watch.settle_timeout_seconds``.
 
 :func:`take_arrivals` moves complete entries out of the inbox and records them in the
-ledger.
+ledger. A taken file is replaced in ``queue/`` by a copy the daemon writes and hashes in
+one pass, so what is trained is exactly what was hashed, even if its writer still holds the
+original open and appends to it (those later bytes are not trained).
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evertrain.daemon.layout import RunLayout, reason_path, stored_name
+from evertrain.daemon.errors import is_run_error
+from evertrain.daemon.layout import RunLayout, display_name, reason_path, stored_name
 from evertrain.daemon.ledger import FileRow, Ledger
-from evertrain.daemon.reconcile import hash_file, move, write_reason
+from evertrain.daemon.reconcile import FileTooLargeError, hash_file, move, own_copy, write_reason
 from evertrain.faults import maybe_crash
 
 log = logging.getLogger("evertrain.daemon")
@@ -233,62 +236,100 @@ def take_arrivals(
     failed: set[str],
     emit: Callable[[str, dict[str, Any]], None],
 ) -> None:
-    """Move each complete inbox entry to ``queue/`` (or, refused at the door, to
-    ``rejected/`` with its reason file), then record it in the ledger under the next file
-    id; a refusal is also passed to ``emit("rejected", {"id", "name", "reason"})``.
+    """Move each complete inbox entry to ``queue/`` and replace it there by the daemon's own
+    copy (:func:`~evertrain.daemon.reconcile.own_copy`, which also hashes it), or, refused
+    at the door, move it to ``rejected/`` with its reason file; then record it in the
+    ledger under the next file id. A refusal is also passed to ``emit("rejected", {"id",
+    "name", "reason"})``.
 
     An entry that cannot be moved stays in the inbox: one that vanished since the scan is
-    skipped, any other is logged once (its name is added to ``failed``). Raises what the
-    ledger raises.
+    skipped, any other is logged once (its name is added to ``failed``). Raises errors of
+    the run (:func:`~evertrain.daemon.errors.is_run_error`: the ledger's, a full disk); any
+    other error with one entry is logged once in the same way and the entry tried again at
+    the next scan, so no inbox entry can stop the daemon.
     """
     for arrival in scanner.scan():
-        file_id = ledger.max_id() + 1
-        src = layout.inbox / arrival.name
-        stored = stored_name(file_id, arrival.name)
-        if arrival.reject is None:
-            dest = layout.queue / stored
-        else:
-            dest = layout.rejected / stored
-            write_reason(dest, arrival.name, f"{arrival.name}: {arrival.reject}")
         try:
-            move(src, dest)
-        except FileNotFoundError:  # taken away by its writer since the scan
-            reason_path(dest).unlink(missing_ok=True)
-            continue
-        except OSError as e:  # e.g. a name too long for the <id>- prefix
-            if arrival.name not in failed:
+            _take(arrival, scanner.max_bytes, ledger, layout, failed, emit)
+        except Exception as e:
+            if is_run_error(e):
+                raise
+            if arrival.name not in failed:  # tried again at every scan, logged once
                 failed.add(arrival.name)
-                log.error(
-                    "cannot take %s out of the inbox (%s); rename it, it stays there",
-                    arrival.name,
-                    e,
-                )
-            continue
-        maybe_crash("intake", file_id)
-        now = time.time()
-        error = None if arrival.reject is None else f"{arrival.name}: {arrival.reject}"
-        if arrival.reject is None:
-            # unreadable: recorded without a hash; validation rejects it with the reason
-            size, digest = hash_file(dest)
-            status, finished = "queued", None
-        else:
-            size, digest = os.lstat(dest).st_size, None
-            status, finished = "rejected", now
-        ledger.insert(
-            FileRow(
-                id=file_id,
-                name=arrival.name,
-                path=layout.rel(dest),
-                content_hash=digest,
-                size=size,
-                status=status,
-                arrived_at=now,
-                finished_at=finished,
-                error=error,
-            )
+                log.exception("cannot take %s from the inbox (%s)", arrival.name, e)
+
+
+def _take(
+    arrival: Arrival,
+    max_bytes: int,
+    ledger: Ledger,
+    layout: RunLayout,
+    failed: set[str],
+    emit: Callable[[str, dict[str, Any]], None],
+) -> None:
+    file_id = ledger.max_id() + 1
+    name = display_name(arrival.name)
+    src = layout.inbox / arrival.name
+    stored = stored_name(file_id, name)
+    reject = None if arrival.reject is None else f"{name}: {arrival.reject}"
+    if reject is None:
+        dest = layout.queue / stored
+    else:
+        dest = layout.rejected / stored
+        write_reason(layout.rejected, file_id, name, reject)
+    try:
+        move(src, dest)
+    except OSError as e:
+        reason_path(layout.rejected, file_id).unlink(missing_ok=True)
+        if isinstance(e, FileNotFoundError):  # taken away by its writer since the scan
+            return
+        if arrival.name not in failed:
+            failed.add(arrival.name)
+            log.error("cannot take %s out of the inbox (%s); it stays there", arrival.name, e)
+        return
+    maybe_crash("intake", file_id)
+    now = time.time()
+    row = FileRow(
+        id=file_id,
+        name=name,
+        path=layout.rel(dest),
+        content_hash=None,
+        size=None,
+        status="queued" if reject is None else "rejected",
+        arrived_at=now,
+        finished_at=None if reject is None else now,
+        error=reject,
+    )
+    if reject is not None:
+        row.size = os.lstat(dest).st_size
+        ledger.insert(row)
+        log.warning("REJECTED file %d: %s", file_id, reject)
+        emit("rejected", {"id": file_id, "name": name, "reason": reject})
+        return
+    try:
+        row.size, row.content_hash = own_copy(dest, max_bytes)
+    except FileTooLargeError:
+        # It grew after the scan measured it (a writer still appending).
+        row.size = os.lstat(dest).st_size
+        row.status, row.finished_at = "rejected", now
+        row.error = (
+            f"{name}: grew to more than {max_bytes} bytes after it was taken, over "
+            "watch.max_file_bytes; write the file as NAME.part and rename it when complete, "
+            "or raise watch.max_file_bytes"
         )
-        if arrival.reject is None:
-            log.info("took %s as file %d (%d bytes)", arrival.name, file_id, size)
-        else:
-            log.warning("REJECTED file %d: %s", file_id, error)
-            emit("rejected", {"id": file_id, "name": arrival.name, "reason": error})
+        late = layout.rejected / stored
+        row.path = layout.rel(late)
+        ledger.insert(row)  # first: reconcile finishes the move and the reason after a crash
+        write_reason(layout.rejected, file_id, name, row.error)
+        move(dest, late)
+        log.warning("REJECTED file %d: %s", file_id, row.error)
+        emit("rejected", {"id": file_id, "name": name, "reason": row.error})
+        return
+    except OSError as e:
+        # Used in place, as before copies: unreadable, it is recorded without a hash and
+        # validation rejects it naming the error; with the disk full, the daemon goes on
+        # (it waits out a full disk for checkpoints too) at the cost of the copy's guarantee.
+        log.warning("cannot copy %s into the queue (%s); using it in place", name, e)
+        row.size, row.content_hash = hash_file(dest)
+    ledger.insert(row)
+    log.info("took %s as file %d (%d bytes)", name, file_id, row.size)

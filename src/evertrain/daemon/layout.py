@@ -1,8 +1,11 @@
 """The run directory as the watch daemon lays it out (see ``docs/run-directory.md``).
 
 Files taken from ``inbox/`` are renamed ``<id>-<name>`` (the id zero-padded to six digits,
-e.g. ``000012-notes.jsonl``) and keep that name in ``queue/``, ``processed/`` and
-``rejected/``; the ledger's ``path`` column holds the current location relative to RUN.
+e.g. ``000012-notes.jsonl``; a long name is shortened, see :func:`stored_name`) and keep that
+name in ``queue/``, ``processed/`` and ``rejected/``; the ledger's ``path`` column holds the
+current location relative to RUN and its ``name`` column the name as the user gave it. A
+rejected file's reason is ``rejected/<id>.reason.txt``: named by id only, so no file name,
+however long, can make it too long for the file system.
 """
 
 from __future__ import annotations
@@ -14,8 +17,17 @@ from pathlib import Path
 
 from evertrain.fsutil import atomic_write_bytes
 
-_STORED_RE = re.compile(r"(\d{6,})-(.+)")
+_STORED_RE = re.compile(r"(\d{6,})-(.+)", re.DOTALL)
+_REASON_RE = re.compile(r"(\d{6,})\.reason\.txt")
 REASON_SUFFIX = ".reason.txt"
+# Stored names are cut to this many bytes: NAME_MAX is 255 on most file systems, and a
+# legal inbox name plus the "<id>-" prefix (or a tool's suffix, e.g. "x.bak") must not
+# exceed it, or the move out of the inbox fails with ENAMETOOLONG.
+MAX_STORED_BYTES = 200
+_MAX_SUFFIX_BYTES = 16
+# C0 controls and DEL: a newline in a name would split the reason file's first line and
+# the log's lines.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -106,22 +118,62 @@ class RunLayout:
         return self.queue
 
 
+def display_name(entry: str) -> str:
+    """The name the ledger records for inbox entry ``entry`` (as :func:`os.listdir` gives
+    it): bytes that are not UTF-8 and control characters become U+FFFD.
+
+    SQLite (and the UTF-8 reason files and logs) refuse the lone surrogates that Python
+    uses for undecodable bytes in file names; such a name once made every start of the
+    daemon fail while recording the file.
+    """
+    text = os.fsencode(entry).decode("utf-8", "replace")
+    return _CONTROL_RE.sub("\ufffd", text)
+
+
 def stored_name(file_id: int, name: str) -> str:
-    """``<id>-<name>``: the name of a taken file outside the inbox."""
-    return f"{file_id:06d}-{name}"
+    """``<id>-<name>``: the name of a taken file outside the inbox (``name`` as the ledger
+    records it, see :func:`display_name`).
+
+    A name that would make it longer than :data:`MAX_STORED_BYTES` (UTF-8) keeps its
+    extension (which chooses the reader) and as much of its start as fits, joined by
+    ``~``: ``000012-a-very-lo~.jsonl``. The ledger keeps the whole name.
+    """
+    prefix = f"{file_id:06d}-"
+    full = prefix + name
+    if len(_utf8(full)) <= MAX_STORED_BYTES:
+        return full
+    stem, dot, ext = name.rpartition(".")
+    suffix = f".{ext}" if dot and stem and len(_utf8(ext)) <= _MAX_SUFFIX_BYTES else ""
+    if not suffix:
+        stem = name
+    room = MAX_STORED_BYTES - len(_utf8(f"{prefix}~{suffix}"))
+    cut = _utf8(stem)[:room].decode("utf-8", "ignore")  # "ignore": a character cut in two
+    return f"{prefix}{cut}~{suffix}"
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
 
 
 def parse_stored_name(stored: str) -> tuple[int, str] | None:
-    """``(id, original name)`` of a ``<id>-<name>`` file name, None for any other name."""
+    """``(id, name)`` of a ``<id>-<name>`` file name, None for any other name (the name
+    as stored: shortened if it was long)."""
     m = _STORED_RE.fullmatch(stored)
     if m is None:
         return None
     return int(m.group(1)), m.group(2)
 
 
-def reason_path(rejected_file: Path) -> Path:
-    """The ``<id>-<name>.reason.txt`` beside a rejected file."""
-    return rejected_file.with_name(rejected_file.name + REASON_SUFFIX)
+def reason_path(rejected: Path, file_id: int) -> Path:
+    """``<rejected>/<id>.reason.txt``: the reason file of rejected file ``file_id``."""
+    return rejected / f"{file_id:06d}{REASON_SUFFIX}"
+
+
+def parse_reason_name(entry: str) -> int | None:
+    """The file id of a ``<id>.reason.txt`` name, None for any other name (including the
+    ``<id>-<name>.reason.txt`` files of earlier versions, which are left alone)."""
+    m = _REASON_RE.fullmatch(entry)
+    return None if m is None else int(m.group(1))
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -9,7 +9,10 @@ Tables (the schema is in ``docs/run-directory.md``):
 
 - ``files``: one row per file taken from the inbox; ``path`` is relative to RUN. A row is
   ``done`` only once the checkpoint that includes the file's last optimizer step is
-  committed.
+  committed. ``attempts`` counts the daemon processes that began work on the file and died
+  without unwinding (SIGKILL, a segfault, the OOM killer) since its training last advanced
+  (``attempt_step``: global_step when the last one began); two quarantine the file
+  (:mod:`evertrain.daemon.files`).
 - ``snapshots``: one row per exported snapshot.
 - ``meta``: ``schema_version`` and ``config`` (the resolved run config of the last start,
   JSON), so ``evertrain watch RUN`` can restart without ``--config``.
@@ -48,7 +51,9 @@ CREATE TABLE IF NOT EXISTS files (
     loss_end REAL,
     val_loss_before REAL,
     val_loss_after REAL,
-    error TEXT
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    attempt_step INTEGER
 );
 CREATE INDEX IF NOT EXISTS files_hash ON files (content_hash);
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -61,6 +66,9 @@ CREATE TABLE IF NOT EXISTS snapshots (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# Columns added after schema version 1 was first written: ledgers of earlier versions get
+# them on the daemon's next start (readers of such a ledger see the defaults).
+_ADDED_COLUMNS = {"attempts": "INTEGER NOT NULL DEFAULT 0", "attempt_step": "INTEGER"}
 
 
 class LedgerError(RuntimeError):
@@ -90,6 +98,8 @@ class FileRow:
     val_loss_before: float | None = None
     val_loss_after: float | None = None
     error: str | None = None
+    attempts: int = 0
+    attempt_step: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,6 +165,10 @@ class Ledger:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
                 self._db.executescript(_SCHEMA)  # IF NOT EXISTS: tables added by later versions
+                have = {r[1] for r in self._db.execute("PRAGMA table_info(files)")}
+                for column, decl in _ADDED_COLUMNS.items():
+                    if column not in have:
+                        self._db.execute(f"ALTER TABLE files ADD COLUMN {column} {decl}")
             self._db.row_factory = sqlite3.Row
             found = self.meta_get("schema_version")
         except sqlite3.DatabaseError as e:

@@ -2,14 +2,15 @@
 
 One :class:`Daemon` owns a run directory while it runs (``RUN/daemon.lock``). Its loop:
 
-1. **intake**: complete inbox entries are renamed to ``queue/<id>-<name>`` (or to
-   ``rejected/`` when refused at the door) and then recorded in the ledger
-   (:mod:`evertrain.daemon.intake`);
+1. **intake**: complete inbox entries are renamed to ``queue/<id>-<name>``, replaced there
+   by the daemon's own copy (hashed as it is written), or renamed to ``rejected/`` when
+   refused at the door, and then recorded in the ledger (:mod:`evertrain.daemon.intake`);
 2. the oldest pending file is checked for being a **duplicate** of a trained file (content
    hash), **validated** in full (every record, then tokenised), and **trained** for
    ``watch.epochs_per_file`` epochs, continuing global_step, optimizer, LR schedule and RNG
    from the previous file; held-out loss is measured before and after, and on the most
-   recent earlier files after (forgetting);
+   recent earlier files after (forgetting). An error of the file rejects it, and a file
+   the daemon died on twice is rejected (:mod:`evertrain.daemon.files`);
 3. at the end of a file a checkpoint is committed, *then* the row becomes ``done`` and the
    file moves to ``processed/``; snapshots follow.
 
@@ -46,8 +47,9 @@ from typing import Any
 
 from evertrain.config import RunConfig
 from evertrain.daemon.control import Control, ControlReader
+from evertrain.daemon.errors import DaemonError
 from evertrain.daemon.filedata import FileData
-from evertrain.daemon.files import DaemonError, FileWork
+from evertrain.daemon.files import FileWork
 from evertrain.daemon.intake import InboxScanner, InboxWatcher, take_arrivals
 from evertrain.daemon.layout import RunLayout
 from evertrain.daemon.ledger import Ledger

@@ -7,7 +7,10 @@ crash between                               found on restart, and what is done
 ==========================================  ================================================
 inbox -> queue/rejected move and insert     ``queue/N-name`` (or ``rejected/N-name`` and its
                                             reason file) without a row: the row is inserted
-                                            (``intake@N``)
+                                            (``intake@N``), a queued one after it is
+                                            replaced by the daemon's own copy
+the daemon's copy of a taken file and its   a hidden ``queue/.copy-*.tmp``: removed (the
+rename over the original                    file itself is the orphan above)
 reason file written and the move            a reason file without its file: removed (the
                                             file is still in the inbox and is taken again)
 status ``validating`` and the verdict       row ``validating``: validated again
@@ -19,10 +22,17 @@ mid-file                                    row ``training`` = the checkpoint's 
 end-of-file checkpoint and ``done``         the checkpoint lists the file as completed: the
                                             row becomes ``done`` with the statistics the
                                             checkpoint carries (``filedone@N``)
+a file's rejection in the middle of its     row ``rejected`` = the checkpoint's current
+training and the next checkpoint            file: it stays rejected and the stream leaves it
+                                            (its steps before the checkpoint stay trained)
 ``done``/``rejected``/``duplicate`` and     the file is still in ``queue/``: moved (and a
 the move out of ``queue/``                  missing reason file written) (``processed@N``,
                                             ``reject@N``)
 ==========================================  ================================================
+
+A row's ``attempts`` (daemon deaths while working on it) is left as it is, and reset when
+the row becomes ``done``: the daemon quarantines a file that two of them died on
+(:mod:`evertrain.daemon.files`).
 
 Only a damaged newest checkpoint (the checkpoint manager falls back to an older one, loudly)
 can leave ``done`` rows that the restored checkpoint does not include; they are put back in
@@ -33,15 +43,18 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 
 import xxhash
 
+from evertrain.daemon.errors import DaemonError
 from evertrain.daemon.layout import (
     REASON_SUFFIX,
     RunLayout,
     atomic_write,
+    parse_reason_name,
     parse_stored_name,
     reason_path,
     stored_name,
@@ -65,7 +78,10 @@ STAT_COLUMNS = (
 )
 
 
-class ReconcileError(RuntimeError):
+COPY_PREFIX, COPY_SUFFIX = ".copy-", ".tmp"  # own_copy's temporary files in queue/
+
+
+class ReconcileError(DaemonError):
     """The ledger and the checkpoint cannot be brought to agree (the message says why)."""
 
 
@@ -85,10 +101,58 @@ def hash_file(path: Path) -> tuple[int, str | None]:
     return size, h.hexdigest()
 
 
-def write_reason(path: Path, name: str, reason: str) -> None:
-    """Write ``<id>-<name>.reason.txt`` beside the rejected file ``path``."""
+class FileTooLargeError(Exception):
+    """A file grew past the size limit after the inbox scan measured it."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"more than {limit} bytes")
+        self.limit = limit
+
+
+def own_copy(path: Path, max_bytes: int | None = None) -> tuple[int, str]:
+    """Replace ``path`` (a file just taken into ``queue/``) by a copy of its bytes that the
+    daemon wrote itself, and return ``(size, XXH3-128 digest)`` of exactly those bytes.
+
+    Taking a file is a rename, so without the copy the queued file would still be the inode
+    its writer may hold open: bytes appended after the file was hashed would change it
+    under its recorded hash, and a file changed after its training began cannot be resumed
+    or replayed. The copy is a new inode nobody else holds; appends to the original after
+    this point are not trained (and not kept). A plain copy (one extra write of a file of
+    at most ``watch.max_file_bytes``), hashed as it is written, so the bytes hashed are the
+    bytes stored: a reflink would save the write on btrfs/XFS but need the file read again
+    for the hash, and is not portable.
+
+    Raises:
+        OSError: reading or writing failed; ``path`` is left as it was.
+        FileTooLargeError: more than ``max_bytes`` bytes; ``path`` is left as it was.
+    """
+    h = xxhash.xxh3_128()
+    size = 0
+    fd, tmp = tempfile.mkstemp(prefix=COPY_PREFIX, suffix=COPY_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as dst, open(path, "rb") as src:
+            os.fchmod(dst.fileno(), os.fstat(src.fileno()).st_mode & 0o777)
+            while chunk := src.read(1 << 20):
+                size += len(chunk)
+                if max_bytes is not None and size > max_bytes:
+                    raise FileTooLargeError(max_bytes)
+                h.update(chunk)
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())  # the data before the name: the ledger will hold its hash
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return size, h.hexdigest()
+
+
+def write_reason(rejected: Path, file_id: int, name: str, reason: str) -> None:
+    """Write ``<rejected>/<id>.reason.txt``, the reason file of rejected file ``file_id``
+    (named by id: a long ``name`` cannot make it too long for the file system)."""
     text = f"{name}: rejected\n{reason}\n"
-    atomic_write(reason_path(path), text.encode("utf-8"))
+    atomic_write(reason_path(rejected, file_id), text.encode("utf-8", "replace"))
 
 
 def move(src: Path, dst: Path) -> None:
@@ -101,11 +165,13 @@ def move(src: Path, dst: Path) -> None:
 
 def reconcile(layout: RunLayout, ledger: Ledger, stream: StreamState) -> None:
     """Bring the ledger and the folders in line with ``stream`` (restored from the newest
-    valid checkpoint, or fresh); see the module docstring.
+    valid checkpoint, or fresh); see the module docstring. ``stream`` leaves its current
+    file when the ledger has rejected it since.
 
     Raises:
         ReconcileError: the checkpoint is mid-file in a file the ledger does not know.
     """
+    _remove_copy_leftovers(layout)
     _adopt_orphans(layout, ledger)
     completed = set(stream.completed)
     current = stream.current
@@ -123,7 +189,26 @@ def reconcile(layout: RunLayout, ledger: Ledger, stream: StreamState) -> None:
                 log.info(
                     "file %d (%s): its end-of-file checkpoint is committed: done", row.id, row.name
                 )
-                ledger.update(row.id, status="done", finished_at=time.time(), error=None, **stats)
+                ledger.update(
+                    row.id,
+                    status="done",
+                    finished_at=time.time(),
+                    error=None,
+                    attempts=0,
+                    attempt_step=None,
+                    **stats,
+                )
+        elif current is not None and row.id == current.id and row.status == "rejected":
+            # Rejected (an error, or quarantined) after the checkpoint was written: the
+            # ledger's verdict stands. The steps trained before it cannot be taken back.
+            log.warning(
+                "file %d (%s) was rejected after the newest checkpoint, which is in the middle "
+                "of it: it stays rejected (its %d step(s) before the checkpoint stay trained)",
+                row.id,
+                row.name,
+                current.steps_done,
+            )
+            stream.current, stream.cursor = None, None
         elif current is not None and row.id == current.id:
             if row.status != "training":
                 log.warning(
@@ -159,6 +244,12 @@ def reconcile(layout: RunLayout, ledger: Ledger, stream: StreamState) -> None:
         _place(layout, ledger, ledger.get(row.id) or row)
 
 
+def _remove_copy_leftovers(layout: RunLayout) -> None:
+    for entry in os.listdir(layout.queue):
+        if entry.startswith(COPY_PREFIX) and entry.endswith(COPY_SUFFIX):
+            (layout.queue / entry).unlink(missing_ok=True)
+
+
 def _adopt_orphans(layout: RunLayout, ledger: Ledger) -> None:
     known = {r.id for r in ledger.rows()}
     for folder, status in ((layout.queue, "queued"), (layout.rejected, "rejected")):
@@ -176,13 +267,18 @@ def _adopt_orphans(layout: RunLayout, ledger: Ledger) -> None:
             size: int | None
             digest: str | None = None
             if status == "queued":
-                size, digest = hash_file(path)
+                try:
+                    size, digest = own_copy(path)
+                except OSError as e:
+                    log.warning("cannot copy %s (%s): hashing it in place", path, e)
+                    size, digest = hash_file(path)
                 error = None
             else:
                 size = os.lstat(path).st_size
                 try:
-                    error = reason_path(path).read_text(encoding="utf-8").split("\n", 1)[1].strip()
-                except (OSError, IndexError):
+                    text = reason_path(layout.rejected, file_id).read_text(encoding="utf-8")
+                    error = text.split("\n", 1)[1].strip()
+                except (OSError, IndexError, UnicodeDecodeError):
                     error = "rejected at intake (the reason was lost in a crash)"
             log.warning(
                 "recovered %s after a crash: recorded as file %d (%s)", path, file_id, status
@@ -201,12 +297,11 @@ def _adopt_orphans(layout: RunLayout, ledger: Ledger) -> None:
                 )
             )
             known.add(file_id)
-    for entry in sorted(os.listdir(layout.rejected)):
-        if not entry.endswith(REASON_SUFFIX):
-            continue
-        data = layout.rejected / entry[: -len(REASON_SUFFIX)]
-        parsed = parse_stored_name(data.name)
-        if parsed and parsed[0] not in known and not os.path.lexists(data):
+    entries = sorted(os.listdir(layout.rejected))
+    with_data = {p[0] for p in map(parse_stored_name, entries) if p is not None}
+    for entry in entries:
+        reason_id = parse_reason_name(entry)
+        if reason_id is not None and reason_id not in known and reason_id not in with_data:
             # Written just before a crash that kept the file in the inbox: it will be taken
             # again under the same id, with a fresh reason.
             (layout.rejected / entry).unlink()
@@ -238,7 +333,7 @@ def _place(layout: RunLayout, ledger: Ledger, row: FileRow) -> None:
             else:
                 log.warning("file %d (%s): %s is missing", row.id, row.name, target)
             return
-    if row.status == "rejected" and not reason_path(target).exists():
-        write_reason(target, row.name, row.error or "rejected")
+    if row.status == "rejected" and not reason_path(layout.rejected, row.id).exists():
+        write_reason(layout.rejected, row.id, row.name, row.error or "rejected")
     if row.path != layout.rel(target):
         ledger.update(row.id, path=layout.rel(target))

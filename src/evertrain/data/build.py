@@ -56,7 +56,8 @@ def read_documents(
     Args:
         path: the file (for its extension and for messages).
         data: its bytes.
-        cfg: ``format``, ``text_split`` and ``seq_len`` (chunk size) are used.
+        cfg: ``format``, ``text_split``, ``seq_len`` (chunk size) and ``max_record_bytes``
+            are used.
         policy: ``"fail"`` or ``"skip"``; default ``cfg.on_bad_record``.
         kind: the model kind the documents are for; default ``cfg.model_kind``.
 
@@ -88,7 +89,14 @@ def read_documents(
         content_hash=xxhash.xxh3_128_hexdigest(data),
     )
     docs: list[Document] = []
-    for item in iter_records(path, data, text_split=cfg.text_split, chunk_chars=chunk_chars(cfg)):
+    records = iter_records(
+        path,
+        data,
+        text_split=cfg.text_split,
+        chunk_chars=chunk_chars(cfg),
+        max_record_bytes=cfg.max_record_bytes,
+    )
+    for item in records:
         try:
             if isinstance(item, DataError):
                 raise item

@@ -18,6 +18,13 @@ invalid JSON in a ``.json``/``.csv``/text file, which leave no way to resynchron
 as :class:`~evertrain.data.errors.DataError`. Errors about one record (a bad JSONL line, a
 CSV row with the wrong number of cells) are *yielded* as ``DataError`` values so the caller
 can apply ``data.on_bad_record``.
+
+Two limits make hostile records ordinary record errors: a record larger than
+``max_record_bytes`` (its bytes in the file for JSONL and JSON; the UTF-8 bytes of its
+values for CSV and Parquet, of its text for plain text) is refused before it is parsed
+where the format allows, and JSON nested deeper than :data:`MAX_JSON_DEPTH` levels is
+refused (Python's JSON parser raises ``RecursionError`` on deep nesting, about 1000 levels,
+which once escaped as an error that was no ``DataError`` at all).
 """
 
 from __future__ import annotations
@@ -45,6 +52,78 @@ EXTENSIONS = {
 # git's heuristic for "binary": a NUL byte in the first 8000 bytes.
 _BINARY_SNIFF_BYTES = 8000
 _BOM = b"\xef\xbb\xbf"
+# Records are flat objects of strings, or a list of message objects (depth 3); metadata
+# fields may nest more. Far below the depth where Python's parser gives up, so the verdict
+# does not depend on how deep the caller's stack happens to be.
+MAX_JSON_DEPTH = 100
+_TOO_DEEP = f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+
+
+class _TooDeepError(ValueError):
+    pass
+
+
+def _loads(text: str) -> Any:
+    """``json.loads``, refusing nesting deeper than :data:`MAX_JSON_DEPTH`.
+
+    Raises:
+        json.JSONDecodeError: invalid JSON.
+        _TooDeepError: nested too deeply.
+    """
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise _TooDeepError(_TOO_DEEP) from None
+    _check_depth(obj, text.count("[") + text.count("{"))
+    return obj
+
+
+def _check_depth(obj: Any, brackets: int) -> None:
+    """Raise :class:`_TooDeepError` if ``obj`` (parsed from text with ``brackets`` opening
+    brackets) nests deeper than :data:`MAX_JSON_DEPTH`."""
+    if brackets <= MAX_JSON_DEPTH:  # counted in C: almost every record stops here
+        return
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, (dict, list)):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise _TooDeepError(_TOO_DEEP)
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _values_bytes(value: Any) -> int:
+    """UTF-8 bytes of the strings (and bytes) in a parsed record, nested values included."""
+    total, stack = 0, [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            total += _utf8_len(v)
+        elif isinstance(v, (bytes, bytearray)):
+            total += len(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return total
+
+
+def _too_large(path: str, line: int, size: int, limit: int, unit: str = "line") -> DataError:
+    return DataError(
+        f"record of {size} bytes, over data.max_record_bytes ({limit}): split it into "
+        "smaller records, or raise data.max_record_bytes",
+        file=path,
+        line=line,
+        unit=unit,
+        hint=SKIP_HINT,
+    )
 
 
 @dataclass(frozen=True)
@@ -133,6 +212,7 @@ def iter_records(
     *,
     text_split: str = "documents",
     chunk_chars: int = 512,
+    max_record_bytes: int | None = None,
 ) -> Iterator[Record | DataError]:
     """Parse ``data`` (the bytes of ``path``) into records, in file order.
 
@@ -141,6 +221,8 @@ def iter_records(
         data: the file's content, as returned by :func:`read_bytes`.
         text_split: ``"documents"`` or ``"chunks"``, for ``.txt``/``.md`` files.
         chunk_chars: maximum chunk length in characters for ``text_split="chunks"``.
+        max_record_bytes: larger records are yielded as errors (None: no limit); see the
+            module docstring for how each format measures a record.
 
     Yields:
         :class:`Record` for each parsed record, or a :class:`DataError` for a record that
@@ -153,22 +235,26 @@ def iter_records(
     kind = file_kind(path)
     if data.startswith(_BOM):
         data = data[len(_BOM) :]
+    limit = max_record_bytes
     if kind == "jsonl":
-        yield from _jsonl(name, data)
+        yield from _jsonl(name, data, limit)
     elif kind == "json":
-        yield from _json_list(name, data)
+        yield from _json_list(name, data, limit)
     elif kind == "csv":
-        yield from _csv(name, data)
+        yield from _csv(name, data, limit)
     elif kind == "parquet":
-        yield from _parquet(name, data)
+        yield from _parquet(name, data, limit)
     else:
-        yield from _text(name, data, text_split, chunk_chars)
+        yield from _text(name, data, text_split, chunk_chars, limit)
 
 
-def _jsonl(path: str, data: bytes) -> Iterator[Record | DataError]:
+def _jsonl(path: str, data: bytes, limit: int | None) -> Iterator[Record | DataError]:
     for lineno, raw in enumerate(data.split(b"\n"), 1):
         raw = raw.rstrip(b"\r")
         if not raw.strip():
+            continue
+        if limit is not None and len(raw) > limit:
+            yield _too_large(path, lineno, len(raw), limit)
             continue
         if b"\x00" in raw:
             yield DataError(
@@ -187,11 +273,14 @@ def _jsonl(path: str, data: bytes) -> Iterator[Record | DataError]:
             )
             continue
         try:
-            obj = json.loads(text)
+            obj = _loads(text)
         except json.JSONDecodeError as e:
             yield DataError(
                 f"invalid JSON: {e.msg} at column {e.colno}", file=path, line=lineno, hint=SKIP_HINT
             )
+            continue
+        except _TooDeepError as e:
+            yield DataError(str(e), file=path, line=lineno, hint=SKIP_HINT)
             continue
         if not isinstance(obj, dict):
             yield DataError(
@@ -210,7 +299,7 @@ def _skip_ws(text: str, pos: int) -> int:
     return pos
 
 
-def _json_list(path: str, data: bytes) -> Iterator[Record | DataError]:
+def _json_list(path: str, data: bytes, limit: int | None) -> Iterator[Record | DataError]:
     _check_binary(path, data)
     text = _decode(path, data)
     decoder = json.JSONDecoder()
@@ -233,14 +322,26 @@ def _json_list(path: str, data: bytes) -> Iterator[Record | DataError]:
         return
     while True:
         line = text.count("\n", 0, pos) + 1
+        start = pos
         try:
             obj, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise DataError(
                 f"invalid JSON: {e.msg} at column {e.colno}", file=path, line=e.lineno
             ) from None
-        if isinstance(obj, dict):
-            yield Record(path, line, "line", obj)
+        except RecursionError:
+            # where the element ends is unknown, so the rest of the file cannot be read
+            raise DataError(_TOO_DEEP, file=path, line=line) from None
+        size = _utf8_len(text[start:pos]) if limit is not None else 0
+        if limit is not None and size > limit:
+            yield _too_large(path, line, size, limit)
+        elif isinstance(obj, dict):
+            try:
+                _check_depth(obj, text.count("[", start, pos) + text.count("{", start, pos))
+            except _TooDeepError as e:
+                yield DataError(str(e), file=path, line=line, hint=SKIP_HINT)
+            else:
+                yield Record(path, line, "line", obj)
         else:
             yield DataError(
                 f"expected a JSON object, got {type(obj).__name__}",
@@ -260,7 +361,7 @@ def _json_list(path: str, data: bytes) -> Iterator[Record | DataError]:
         raise fail(pos, "expected ',' or ']' after a list element")
 
 
-def _csv(path: str, data: bytes) -> Iterator[Record | DataError]:
+def _csv(path: str, data: bytes, limit: int | None) -> Iterator[Record | DataError]:
     _check_binary(path, data)
     text = _decode(path, data)
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
@@ -295,13 +396,19 @@ def _csv(path: str, data: bytes) -> Iterator[Record | DataError]:
                 hint=SKIP_HINT,
             )
             continue
+        if limit is not None:
+            size = sum(_utf8_len(cell) for cell in row)
+            if size > limit:
+                yield _too_large(path, start, size, limit)
+                continue
         rec: dict[str, Any] = dict(zip(names, row, strict=True))
         if "messages" in rec:
             try:
-                rec["messages"] = json.loads(rec["messages"])
-            except json.JSONDecodeError as e:
+                rec["messages"] = _loads(rec["messages"])
+            except (json.JSONDecodeError, _TooDeepError) as e:
+                problem = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
                 yield DataError(
-                    f"a CSV messages cell must hold a JSON list of messages: {e.msg}",
+                    f"a CSV messages cell must hold a JSON list of messages: {problem}",
                     file=path,
                     line=start,
                     field="messages",
@@ -311,7 +418,7 @@ def _csv(path: str, data: bytes) -> Iterator[Record | DataError]:
         yield Record(path, start, "line", rec)
 
 
-def _parquet(path: str, data: bytes) -> Iterator[Record | DataError]:
+def _parquet(path: str, data: bytes, limit: int | None) -> Iterator[Record | DataError]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -329,16 +436,28 @@ def _parquet(path: str, data: bytes) -> Iterator[Record | DataError]:
         for batch in pf.iter_batches(batch_size=4096):
             for rec in batch.to_pylist():
                 row += 1
-                yield Record(path, row, "row", rec)
+                size = _values_bytes(rec) if limit is not None else 0
+                if limit is not None and size > limit:
+                    yield _too_large(path, row, size, limit, unit="row")
+                else:
+                    yield Record(path, row, "row", rec)
     except (pa.ArrowException, OSError) as e:
         raise DataError(
             f"cannot read Parquet data: {e}", file=path, line=row + 1, unit="row"
         ) from None
 
 
-def _text(path: str, data: bytes, text_split: str, chunk_chars: int) -> Iterator[Record]:
+def _text(
+    path: str, data: bytes, text_split: str, chunk_chars: int, limit: int | None
+) -> Iterator[Record | DataError]:
     _check_binary(path, data)
     text = _decode(path, data).replace("\r\n", "\n")
+
+    def record(line: int, doc: str) -> Record | DataError:
+        if limit is not None and (size := _utf8_len(doc)) > limit:
+            return _too_large(path, line, size, limit)
+        return Record(path, line, "line", {"text": doc})
+
     if text_split == "documents":
         start, lines = 0, list[str]()
         for lineno, text_line in enumerate(text.split("\n"), 1):
@@ -347,10 +466,10 @@ def _text(path: str, data: bytes, text_split: str, chunk_chars: int) -> Iterator
                     start = lineno
                 lines.append(text_line)
             elif lines:
-                yield Record(path, start, "line", {"text": "\n".join(lines)})
+                yield record(start, "\n".join(lines))
                 lines = []
         if lines:
-            yield Record(path, start, "line", {"text": "\n".join(lines)})
+            yield record(start, "\n".join(lines))
         return
     if text_split != "chunks":
         raise ValueError(f"text_split must be 'documents' or 'chunks', got {text_split!r}")
@@ -370,6 +489,6 @@ def _text(path: str, data: bytes, text_split: str, chunk_chars: int) -> Iterator
         if chunk.strip():
             lead = len(chunk) - len(chunk.lstrip())
             first = line + chunk.count("\n", 0, lead)
-            yield Record(path, first, "line", {"text": chunk.strip()})
+            yield record(first, chunk.strip())
         line += chunk.count("\n")
         pos = end
