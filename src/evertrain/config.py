@@ -37,7 +37,10 @@ class ConfigError(ValueError):
 class _Section(BaseModel):
     # extra="forbid": a misspelt key is an error, not a silently ignored setting.
     # strict=True: "4" is not an integer; YAML already gives typed values.
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+    # allow_inf_nan=False: `lr: .inf` would train to NaN and still report "done".
+    model_config = ConfigDict(
+        extra="forbid", strict=True, validate_assignment=True, allow_inf_nan=False
+    )
 
 
 class TinyModelConfig(_Section):
@@ -165,6 +168,18 @@ class TrainConfig(_Section):
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:N
     eval_every_steps: int | None = Field(None, gt=0)
     eval_max_batches: int | None = Field(None, gt=0)
+    # a non-finite loss or gradient norm: stop (exit 3, nothing applied or saved) or skip
+    # the step's batches (no update; counted in the metrics)
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Dumped only when changed: a run stored before the key existed resumes without a
+        # config difference.
+        out = handler(self)
+        if isinstance(out, dict) and out.get("on_nonfinite") == "stop":
+            del out["on_nonfinite"]
+        return out  # type: ignore[no-any-return]
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -188,6 +203,7 @@ class CheckpointConfig(_Section):
         extra="forbid",
         strict=True,
         validate_assignment=True,
+        allow_inf_nan=False,
         validate_by_name=True,
         validate_by_alias=True,
         serialize_by_alias=True,
@@ -386,7 +402,7 @@ def load_config(
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: cannot read config: {e}") from None
         try:
-            raw = yaml.safe_load(text)
+            raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1} column {mark.column + 1}:" if mark is not None else ""
@@ -404,6 +420,12 @@ def load_config(
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
         raise _format_error(e, origin) from None
+    if base is not None and "model" not in raw:
+        # without it the tiny random test model would train, silently
+        raise ConfigError(
+            f"{origin}: no model: section; name the model to train (model.source: a model "
+            f"directory, a .gguf file, smollm2-135m, or tiny for the random test model)"
+        )
     if base is not None:
         cfg.data.files = [
             str((base / f).resolve()) if not Path(f).is_absolute() else f for f in cfg.data.files
@@ -415,6 +437,32 @@ def load_config(
         if ("/" in src or src.endswith(".gguf")) and not Path(src).is_absolute():
             cfg.model.source = str((base / src).resolve())
     return cfg
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: plain YAML keeps the
+    last value silently, so `lr` set twice would train with whichever came last."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"duplicate key {key!r} (first at line {seen[key] + 1}); keep one",
+                key_node.start_mark,
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _unique_mapping,  # type: ignore[arg-type]
+)
 
 
 def config_from_json(data: dict[str, Any]) -> RunConfig:

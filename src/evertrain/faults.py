@@ -17,6 +17,12 @@ _SPEC = os.environ.get("EVERTRAIN_FAULT", "")
 _POINTS = {p.strip() for p in _SPEC.split(",") if p.strip()}
 
 
+def poisoned(step: int) -> bool:
+    """True if ``nan@step`` was requested: the trainer then makes that step's loss NaN
+    (the divergence guard's test; a real divergence needs no help)."""
+    return bool(_POINTS) and f"nan@{step}" in _POINTS
+
+
 def maybe_crash(point: str, step: int, sub: int | None = None) -> None:
     """SIGKILL this process if ``point@step`` (or ``point@step:sub``) was requested."""
     if not _POINTS:

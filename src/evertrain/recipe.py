@@ -46,6 +46,7 @@ def settings_from_config(cfg: RunConfig, grad_accum_steps: int) -> TrainSettings
         eval_max_batches=t.eval_max_batches,
         seed=cfg.seed,
         num_workers=cfg.data.num_workers,
+        on_nonfinite=t.on_nonfinite,
     )
 
 

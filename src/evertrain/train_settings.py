@@ -50,6 +50,9 @@ class TrainSettings:
             most M micro-batches (None: every batch).
         seed: the data order's seed (a pure function of (seed, epoch)).
         num_workers: DataLoader worker processes.
+        on_nonfinite: a step whose loss or gradient norm is NaN or infinite is never
+            applied; ``"stop"`` raises :class:`DivergedError`, ``"skip"`` drops the step's
+            batches (a ``"skipped": true`` train line in the metrics) and goes on.
     """
 
     micro_batch_size: int = 4
@@ -62,6 +65,7 @@ class TrainSettings:
     eval_max_batches: int | None = None
     seed: int = 0
     num_workers: int = 0
+    on_nonfinite: str = "stop"
 
 
 def token_loss_sum(

@@ -5,13 +5,10 @@ data, and saves and resumes through a :class:`~evertrain.checkpointer.Checkpoint
 the daemon and its torchrun followers drive the same :meth:`Trainer.run` /
 :meth:`Trainer.train_step` with hooks. Nothing outside this module sets its attributes.
 
-Exactness contract: a run resumed from any committed checkpoint produces bit-identical
-weights, optimizer state and per-step losses to a run that never stopped, because (1)
-every piece of state has one owner that is checkpointed; (2) the data order is a pure
-function of (seed, epoch) and the LR of global_step (or the scheduler's saved state);
-(3) nothing between two checkpoints draws from a global RNG except the training step
-itself (data loaders get their own generator, eval disables dropout); (4) checkpoints are
-taken only between optimizer steps.
+Exactness contract: a resumed run is bit-identical to one that never stopped, because
+every piece of state has one checkpointed owner, the data order and the LR are pure
+functions of (seed, epoch) and global_step, nothing but the step draws from a global RNG,
+and checkpoints are taken only between optimizer steps.
 
 Process-safety: one trainer per run directory; under torchrun one per rank, in lockstep:
 rank 0 writes the metrics and commits checkpoints, every rank writes its own RNG state.
@@ -34,11 +31,12 @@ from evertrain.checkpoint import CheckpointInfo, retention_from_config
 from evertrain.checkpointer import Checkpointer, ResumeError
 from evertrain.config import CheckpointConfig, ConfigError
 from evertrain.data import DataCursor, make_loader
-from evertrain.data.loader import ROW_MASK, dataset_fingerprint
+from evertrain.data.loader import dataset_fingerprint
 from evertrain.faults import maybe_crash
 from evertrain.metrics import MetricsLog
 from evertrain.owners import ModuleState, ObjectState, optimizer_state
 from evertrain.progress import Progress
+from evertrain.step import backward_step, heldout_loss, nonfinite_step
 from evertrain.train_settings import (
     LossFn,
     Rows,
@@ -322,31 +320,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ eval
 
-    @torch.no_grad()
     def evaluate(self, dataset: Any = None) -> dict[str, float]:
         """Token-weighted mean loss (nats) and perplexity over ``dataset`` (default: the
         held-out data); ``{}`` when there is none. Uses no RNG and leaves the model in
-        train mode."""
+        train mode. Collective under torchrun (each rank scores its share)."""
         ds = self.val_ds if dataset is None else dataset
         if ds is None or len(ds) == 0:
             return {}
-        self.model.eval()  # no dropout: eval must not draw from the training RNG
-        mbs, limit = self.settings.micro_batch_size, self.settings.eval_max_batches
-        total, count = 0.0, 0
-        for b, start in enumerate(range(0, len(ds), mbs)):
-            if limit is not None and b >= limit:
-                break
-            if b % self.world_size != self.rank:  # each rank evaluates its share
-                continue
-            rows = [ds[i] for i in range(start, min(start + mbs, len(ds)))]
-            batch = {k: torch.stack([r[k] for r in rows]).to(self.device) for k in rows[0]}
-            with self._autocast():
-                total += float(self.loss_fn(self.forward, batch))
-            count += self.count_targets(batch)
-        self.model.train()
-        total, count = distributed.eval_totals(self.dist, total, count)
-        val_loss = total / max(count, 1)
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        return heldout_loss(
+            self.model, self.forward, ds, loss_fn=self.loss_fn,
+            count_targets=self.count_targets, settings=self.settings, group=self.dist,
+            device=self.device, autocast=self._autocast,
+        )  # fmt: skip
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         return torch.autocast(
@@ -383,12 +368,9 @@ class Trainer:
     ) -> StepStats:
         """One optimizer step: ``grad_accum_steps`` micro-batches, clip, step, log.
 
-        The loss is token-weighted over the whole step: the step's micro-batches are taken
-        first and their target tokens counted (and summed over ranks), then each
-        micro-batch's summed token loss is divided by that count, so the gradient is the
-        one of all the step's rows taken as one batch, whatever their lengths and their
-        split into micro-batches and ranks (as torchtune and transformers'
-        ``num_items_in_batch`` do). The logged loss is the same mean (nats per token).
+        Token-weighted over the whole step (see :mod:`evertrain.step`): the gradient is
+        that of all the step's rows as one batch; the logged loss is nats per target token.
+        A NaN/inf loss or gradient norm is never applied (``settings.on_nonfinite``).
 
         Args:
             batches: yields dicts of ``[micro_batch_size, seq_len]`` tensors (with
@@ -400,6 +382,7 @@ class Trainer:
 
         Raises:
             ValueError: ``micro_batches`` is not in ``1..grad_accum_steps``.
+            DivergedError: a non-finite step with ``on_nonfinite="stop"``.
         """
         self.ckpt.manager.check()  # a failed background save surfaces at the next step
         self._log_checkpoint_stats()
@@ -412,53 +395,49 @@ class Trainer:
         step, t0 = p.global_step, time.perf_counter()
         apply = getattr(self.scheduler, "apply", None)
         lr = float(apply(step)) if callable(apply) else self.lr_at(step)
-        micro_batches_ = [next(batches) for _ in range(n_micro)]
-        rows = [b.pop(ROW_MASK, None) for b in micro_batches_]
-        targets = sum(self.count_targets(b) for b in micro_batches_)
-        # known before the first backward: every rank divides by the whole step's count
-        (global_targets,) = self.dist.sum_floats([float(targets)])
-        # DDP averages gradients over ranks; the world size undoes it into a global sum
-        scale = self.world_size / max(global_targets, 1.0)
-        loss_sum, tokens, examples = 0.0, 0, 0
-        for micro, cpu_batch in enumerate(micro_batches_):
-            batch = {k: v.to(self.device) for k, v in cpu_batch.items()}
-            # DDP all-reduces the gradients in the last micro-step's backward only
-            with distributed.no_sync(self.forward, last=micro == n_micro - 1):
-                with self._autocast():
-                    summed = self.loss_fn(self.forward, batch)
-                (summed * scale).backward()
-            loss_sum += summed.item()
-            real = rows[micro]
-            first = next(iter(cpu_batch.values()))
-            mask = cpu_batch.get("attention_mask")
-            if real is not None:
-                examples += int(real.sum())
-                tokens += int(mask[real].sum()) if mask is not None else first[real].numel()
-            else:
-                examples += first.shape[0]
-                tokens += int(mask.sum()) if mask is not None else first.numel()
-            maybe_crash("micro", step + 1, micro)
-            self.dist.maybe_crash("micro", step + 1, micro)
+        loss_sum, tokens, examples, global_targets = backward_step(
+            [next(batches) for _ in range(n_micro)],
+            forward=self.forward,
+            loss_fn=self.loss_fn,
+            count_targets=self.count_targets,
+            group=self.dist,
+            device=self.device,
+            autocast=self._autocast,
+            global_step=step + 1,
+        )
+        # the step's loss per target token, global tokens and examples (before the update:
+        # every rank decides on the same global values whether to apply it)
+        loss_sum, tokens, examples = distributed.step_totals(self.dist, loss_sum, tokens, examples)
+        loss_sum = loss_sum / max(global_targets, 1.0)
         norm = torch.nn.utils.clip_grad_norm_(
             [q for g in self.optimizer.param_groups for q in g["params"]],
             self.settings.max_grad_norm or math.inf,
         )
-        self.optimizer.step()
+        finite = math.isfinite(loss_sum) and math.isfinite(float(norm))
+        if finite:
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            nonfinite_step(
+                step + 1, loss_sum, float(norm), self.settings.on_nonfinite,
+                self.ckpt.last_checkpoint,
+            )  # fmt: skip
         if self.scheduler is not None and not callable(apply):
             self.scheduler.step()  # a torch LRScheduler: stepped after the optimizer
         self.optimizer.zero_grad(set_to_none=True)
-        # the step's loss per target token, global tokens and examples
-        loss_sum, tokens, examples = distributed.step_totals(self.dist, loss_sum, tokens, examples)
-        loss_sum = loss_sum / max(global_targets, 1.0)
         p.global_step, p.micro_step = step + 1, p.micro_step + n_micro
         p.examples_seen += examples
         p.tokens_seen += tokens
-        p.record_loss(loss_sum)
+        if finite:
+            p.record_loss(loss_sum)
         stats = StepStats(
             p.global_step, loss_sum, lr, float(norm), tokens, examples,
             time.perf_counter() - t0, epoch,
         )  # fmt: skip
-        self.metrics.write({"kind": "train", **stats.__dict__})
+        line = {"kind": "train", **stats.__dict__}
+        if not finite:  # JSON has no NaN
+            line.update(loss=None, grad_norm=None, skipped=True)
+        self.metrics.write(line)
         for hook in self.on_step:
             hook(stats)
         return stats

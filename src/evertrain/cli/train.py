@@ -11,6 +11,9 @@ import typer
 
 from evertrain.cli.model_errors import model_user_errors
 from evertrain.config import RunConfig
+from evertrain.errors import DivergedError
+
+EXIT_DIVERGED = 3  # the loss or gradient norm became NaN/inf (train.on_nonfinite: stop)
 
 
 def train(
@@ -52,7 +55,12 @@ def train(
         # under torchrun only rank 0 shows progress and prints the result
         shown = attach_progress(trainer, max_steps) if trainer.rank == 0 else nullcontext()
         with shown:
-            outcome = trainer.fit(max_steps)
+            try:
+                outcome = trainer.fit(max_steps)
+            except DivergedError as e:
+                trainer.close()
+                typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+                raise typer.Exit(EXIT_DIVERGED) from None
         trainer.close()
     if trainer.rank != 0:
         return

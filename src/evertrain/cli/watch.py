@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from evertrain.cli.model_errors import model_user_errors
+from evertrain.errors import DivergedError
 
 if TYPE_CHECKING:
     from evertrain.daemon import Daemon
@@ -89,6 +90,9 @@ def watch(
     except RunLockedError as e:
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
         raise typer.Exit(EXIT_LOCKED) from None
+    except DivergedError as e:
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(3) from None
     except (DaemonError, ReconcileError, LedgerError) as e:
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from None

@@ -43,6 +43,7 @@ from evertrain.daemon.replay import ReplaySampler
 from evertrain.daemon.settings import replay_rows
 from evertrain.daemon.stream import FilePlan, FileTooSmallError, file_batches, plan_file
 from evertrain.data import DataCursor, DataError, TokenizedDataset, validate_file
+from evertrain.errors import DivergedError
 from evertrain.faults import maybe_crash
 
 if TYPE_CHECKING:
@@ -124,6 +125,9 @@ class FileWork:
                 return
             plan, train, val = loaded
             self._train_file(row, plan, train, val)
+        except DivergedError as e:
+            # the model diverged, not the file: the daemon stops (exit 3) naming the file
+            raise DivergedError(f"{row.name}: {e}") from e
         except Exception as e:
             if not self._is_file_error(row, e):
                 raise

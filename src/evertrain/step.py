@@ -1,0 +1,138 @@
+"""The forward and backward half of an optimizer step: token-weighted over all its
+micro-batches and ranks.
+
+The step's micro-batches are taken first and their target tokens counted and summed over
+ranks, so the count is known before the first backward; each micro-batch's *summed* token
+loss is then scaled by ``world_size / count`` (DDP averages gradients over ranks, the world
+size turns that back into a sum), so the accumulated gradient is that of all the step's rows
+taken as one batch, whatever their lengths and their split into micro-batches and ranks
+(torchtune's normalisation; transformers' ``num_items_in_batch`` fix).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from evertrain import distributed
+from evertrain.data.loader import ROW_MASK
+from evertrain.errors import DivergedError
+from evertrain.faults import maybe_crash, poisoned
+
+log = logging.getLogger("evertrain")
+
+
+def backward_step(
+    micro_batches: list[dict[str, torch.Tensor]],
+    *,
+    forward: Any,
+    loss_fn: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor],
+    count_targets: Callable[[Mapping[str, torch.Tensor]], int],
+    group: distributed.Group,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+    global_step: int,
+) -> tuple[float, int, int, float]:
+    """Forward and backward every micro-batch of optimizer step ``global_step``,
+    accumulating gradients (DDP reduces them in the last backward only).
+
+    Args:
+        micro_batches: this rank's micro-batches (CPU tensors ``[rows, seq_len]``); a
+            ``row_mask`` entry (``bool [rows]``, False for padding) is removed and counted.
+        forward, loss_fn, count_targets: the module to call, its summed token loss and the
+            target tokens that sum is over (see :class:`~evertrain.trainer.Trainer`).
+        group: this process's group (the target count is summed over it).
+        device: where batches go.
+        autocast: the precision context of a forward pass.
+        global_step: the step being taken (1-based), for fault injection.
+
+    Returns:
+        ``(summed token loss of this rank in nats, its non-padding tokens, its examples,
+        the step's target tokens over all ranks)``.
+    """
+    rows = [b.pop(ROW_MASK, None) for b in micro_batches]
+    targets = sum(count_targets(b) for b in micro_batches)
+    (global_targets,) = group.sum_floats([float(targets)])
+    scale = group.world_size / max(global_targets, 1.0)
+    loss_sum, tokens, examples = 0.0, 0, 0
+    last = len(micro_batches) - 1
+    for micro, cpu_batch in enumerate(micro_batches):
+        batch = {k: v.to(device) for k, v in cpu_batch.items()}
+        with distributed.no_sync(forward, last=micro == last):
+            with autocast():
+                summed = loss_fn(forward, batch)
+            if micro == 0 and poisoned(global_step):
+                summed = summed * math.nan
+            (summed * scale).backward()
+        loss_sum += summed.item()
+        real = rows[micro]
+        first = next(iter(cpu_batch.values()))
+        mask = cpu_batch.get("attention_mask")
+        if real is not None:
+            examples += int(real.sum())
+            tokens += int(mask[real].sum()) if mask is not None else first[real].numel()
+        else:
+            examples += first.shape[0]
+            tokens += int(mask.sum()) if mask is not None else first.numel()
+        maybe_crash("micro", global_step, micro)
+        group.maybe_crash("micro", global_step, micro)
+    return loss_sum, tokens, examples, global_targets
+
+
+def nonfinite_step(
+    global_step: int, loss: float, norm: float, policy: str, last_checkpoint: Any
+) -> None:
+    """What a step with a non-finite loss or gradient norm (never applied) leads to.
+
+    Raises:
+        DivergedError: ``policy`` is ``"stop"`` (the message names the step and the last
+            good checkpoint); ``"skip"`` only warns.
+    """
+    what = f"global_step {global_step}: loss {loss}, gradient norm {norm}"
+    if policy == "stop":
+        raise DivergedError(
+            f"diverged at {what}; the step was not applied and nothing was saved from it. "
+            f"Last good checkpoint: {last_checkpoint or 'none'}. Lower train.lr, check the "
+            f"data, or set train.on_nonfinite: skip"
+        )
+    log.warning("non-finite %s: the step's batches are skipped (no update)", what)
+
+
+@torch.no_grad()
+def heldout_loss(
+    model: torch.nn.Module,
+    forward: Any,
+    dataset: Any,
+    *,
+    loss_fn: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor],
+    count_targets: Callable[[Mapping[str, torch.Tensor]], int],
+    settings: Any,
+    group: distributed.Group,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+) -> dict[str, float]:
+    """``{"val_loss": nats per target token, "val_ppl"}`` over ``dataset``'s rows in order,
+    ``settings.micro_batch_size`` at a time (at most ``settings.eval_max_batches``
+    batches), each rank its share. No dropout (eval mode, restored to train), no RNG draw."""
+    model.eval()  # no dropout: eval must not draw from the training RNG
+    mbs, limit = settings.micro_batch_size, settings.eval_max_batches
+    total, count = 0.0, 0
+    for b, start in enumerate(range(0, len(dataset), mbs)):
+        if limit is not None and b >= limit:
+            break
+        if b % group.world_size != group.rank:  # each rank evaluates its share
+            continue
+        rows = [dataset[i] for i in range(start, min(start + mbs, len(dataset)))]
+        batch = {k: torch.stack([r[k] for r in rows]).to(device) for k in rows[0]}
+        with autocast():
+            total += float(loss_fn(forward, batch))
+        count += count_targets(batch)
+    model.train()
+    total, count = distributed.eval_totals(group, total, count)
+    val_loss = total / max(count, 1)
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
