@@ -35,7 +35,7 @@ from evertrain.checkpoint import (
 )
 from evertrain.checkpoint.ranks import choose_checkpoint, rank_owner, save_ranked, saved_world_size
 from evertrain.config import diff_configs
-from evertrain.config_json import config_to_json
+from evertrain.config_json import config_to_json, refused_changes
 from evertrain.distributed import Group, NullMetricsLog, current_group
 from evertrain.metrics import MetricsLog
 from evertrain.owners import (
@@ -335,16 +335,7 @@ class Checkpointer:
         if self.config is None or stored is None:
             return
         diffs = diff_configs(stored, self.config)
-        allow = self.allow_config_change
-        if allow is True:
-            refused = []
-        elif callable(allow):
-            refused = [d for d in diffs if not allow(d[0])]
-        else:
-            keys = () if allow is False else tuple(allow)
-            refused = [
-                d for d in diffs if not any(d[0] == k or d[0].startswith(k + ".") for k in keys)
-            ]
+        refused = refused_changes(diffs, self.allow_config_change)
         for key, old, new in diffs:
             log.warning("config changed since %s: %s: %r -> %r", path.name, key, old, new)
         if refused:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Collection
 from typing import Any
 
 
@@ -32,6 +33,20 @@ def config_to_json(config: Any) -> dict[str, Any]:
             f"OmegaConf DictConfig or a pydantic model"
         )
     return _check(tree, "")  # type: ignore[no-any-return]
+
+
+def refused_changes(
+    diffs: list[tuple[str, Any, Any]], allow: bool | Collection[str] | Callable[[str], bool]
+) -> list[tuple[str, Any, Any]]:
+    """The ``(dotted key, old, new)`` differences a resume must refuse: none when
+    ``allow`` is True, those whose key the predicate ``allow`` rejects, or those not under
+    one of the dotted keys in ``allow`` (a key allows its sub-keys)."""
+    if allow is True:
+        return []
+    if callable(allow):
+        return [d for d in diffs if not allow(d[0])]
+    keys = () if allow is False else tuple(allow)
+    return [d for d in diffs if not any(d[0] == k or d[0].startswith(k + ".") for k in keys)]
 
 
 def _to_tree(config: Any) -> Any:

@@ -21,7 +21,11 @@ Report JSON (``format_version`` 1): ``{"format_version", "label", "global_step",
 "val_loss" (nats/token or null), "val_ppl", "val_rows", "val_tokens" (labelled tokens
 scored), "eval_max_batches", "generations": [{"prompt", "completion", "new_tokens"}],
 "max_new_tokens", "chat" (prompts rendered with the chat template), "seconds", "time"
-(unix s)}``.
+(unix s), "files"}``. ``files`` is ``[]`` except for a watch daemon's run: then one entry
+per file the checkpoint trained on, ``{"id", "name", "val_loss", "val_ppl", "val_rows",
+"val_tokens"}`` (``val_loss`` null for a file without held-out rows), and the top-level
+``val_loss`` is their token-weighted mean (each file's summed loss over all their scored
+tokens), so it equals one pass over the union of the files' held-out rows.
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ class EvalReport:
     chat: bool = False
     seconds: float = 0.0
     time: float = 0.0
+    files: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"format_version": 1, **asdict(self)}
@@ -97,8 +102,8 @@ class EvalReport:
         ]
         if self.val_loss is None:
             lines.append(
-                "held-out: no held-out data (no data.files, or data.val_fraction is 0 or too "
-                "small for any document)"
+                "held-out: no held-out data (no data.files nor trained watch files, or "
+                "data.val_fraction is 0 or too small for any document)"
             )
         else:
             lines.append(
@@ -110,6 +115,17 @@ class EvalReport:
                     else ""
                 )
                 + ")"
+                + (f", token-weighted over {len(self.files)} file(s)" if self.files else "")
+            )
+        for f in self.files:
+            lines.append(
+                f"  file #{f['id']} {f['name']}: "
+                + (
+                    "no held-out rows"
+                    if f["val_loss"] is None
+                    else f"loss {f['val_loss']:.4f}, perplexity {f['val_ppl']:.2f} "
+                    f"({f['val_tokens']} tokens in {f['val_rows']} rows)"
+                )
             )
         lines.append(
             f"greedy generations ({self.max_new_tokens} new tokens max"
@@ -408,8 +424,11 @@ def evaluate_run(
     with LoRA that is the base model, since a fresh adapter's ``lora_B`` is zero).
 
     The held-out split is rebuilt from the data section of the checkpoint's stored config
-    (or of ``config``), with its seed, so it is the split training held out; a config
-    without ``data.files`` (a watch daemon's run) gets generations only.
+    (or of ``config``), with its seed, so it is the split training held out. A watch
+    daemon's checkpoint (no ``data.files``) is scored on the held-out split of every file
+    it trained on (finished or in flight), each rebuilt from ``RUN/processed/`` as the
+    daemon split it, per file and token-weighted overall (the report's ``files``); a
+    config without ``data.files`` gets generations only.
 
     Args:
         run_dir: the run directory; the report is written into ``run_dir/eval/``.
@@ -423,7 +442,9 @@ def evaluate_run(
         ValueError: both ``step`` and ``config`` given.
         FileNotFoundError: no run directory / checkpoints / checkpoint of ``step``.
         evertrain.checkpoint.CheckpointError: the checkpoint is damaged (refused).
-        evertrain.data.DataError: the data files are gone or changed beyond use.
+        evertrain.data.DataError: the data files are gone or changed beyond use (for a
+            watch run: a trained file is missing from the run directory or was edited).
+        evertrain.daemon.LedgerError: a watch run's ledger cannot be read.
         evertrain.state.StateError, evertrain.models.ModelSourceError: the base model
             cannot be rebuilt as trained.
     """
@@ -457,8 +478,23 @@ def evaluate_run(
 
     model.to(resolve_device(cfg.train.device))
     val, data_report = None, None
-    if cfg.data.files:  # a watch daemon's run trains on inbox files, not on data.files
+    stream = None if config is not None else restored.states.get("stream")
+    if cfg.data.files:
         _, val, data_report = build_datasets(cfg.data, tok, cfg.seed)
+    elif stream is not None:  # a watch daemon's run trains on inbox files, not on data.files
+        return _evaluate_watch_run(
+            run_dir,
+            stream,
+            cfg,
+            model,
+            tok,
+            global_step=global_step,
+            prompts=prompts,
+            max_new_tokens=max_new_tokens,
+            model_info=_model_info(cfg, identity),
+            checkpoint=ckpt,
+            write=write,
+        )
     report = evaluate_model(
         model,
         tok,
@@ -474,6 +510,119 @@ def evaluate_run(
         checkpoint=ckpt,
         label="untrained (config)" if config is not None else None,
         kind=cfg.model.kind,
+    )
+    if write:
+        write_eval_report(run_dir, report)
+    return report
+
+
+def _trained_file_ids(stream: dict[str, Any]) -> list[int]:
+    """Ids of the files a watch checkpoint's ``stream`` state trained on: the completed
+    ones and the one in flight if it took a step (its rows partly trained)."""
+    ids = [int(i) for i in stream.get("completed") or []]
+    cur = stream.get("current")
+    if cur is not None and (cur.get("micro_done") or 0) > 0 and cur["id"] not in ids:
+        ids.append(int(cur["id"]))
+    return ids
+
+
+def _evaluate_watch_run(
+    run_dir: str | Path,
+    stream: dict[str, Any],
+    cfg: RunConfig,
+    model: Any,
+    tok: Any,
+    *,
+    global_step: int,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    model_info: dict[str, Any],
+    checkpoint: str | None,
+    write: bool,
+) -> EvalReport:
+    """:func:`evaluate_run` of a watch checkpoint: held-out loss per trained file and
+    token-weighted overall, then the generations.
+
+    Raises:
+        evertrain.data.DataError: a trained file is gone, unreadable or was edited.
+        evertrain.daemon.LedgerError: the ledger cannot be read.
+    """
+    from evertrain.daemon.filedata import FileData
+    from evertrain.daemon.layout import RunLayout
+    from evertrain.daemon.ledger import Ledger
+    from evertrain.data import DataError
+
+    layout = RunLayout(Path(run_dir))
+    ids = _trained_file_ids(stream)
+    rows = {}
+    if ids:
+        led = Ledger(layout.ledger, readonly=True)
+        try:
+            for i in ids:
+                row = led.get(i)
+                if row is None:
+                    raise DataError(
+                        f"file {i} was trained (checkpoint step {global_step}) but the ledger "
+                        "has no row for it",
+                        file=str(layout.ledger),
+                    )
+                rows[i] = row
+        finally:
+            led.close()
+    t0 = time.perf_counter()
+    # Built through the daemon's own per-file path so every file gets exactly the split
+    # (and rows) it was trained and evaluated with; capacity 1: each split is used once.
+    data = FileData(cfg, tok, capacity=1)
+    files: list[dict[str, Any]] = []
+    total, tokens, n_rows, chat = 0.0, 0, 0, False
+    for i in ids:
+        row = rows[i]
+        _, val, rep = data.build(i, layout.abs(row.path), row.content_hash)
+        chat = chat or _is_chat(rep)
+        loss, r, t = (None, 0, 0)
+        if len(val):
+            loss, r, t = heldout_loss(
+                model,
+                val,
+                micro_batch_size=cfg.train.micro_batch_size,
+                max_batches=cfg.train.eval_max_batches,
+                precision=cfg.train.precision,
+                kind=cfg.model.kind,
+            )
+        files.append(
+            {
+                "id": i,
+                "name": row.name,
+                "val_loss": loss,
+                "val_ppl": None if loss is None else math.exp(min(loss, 50.0)),
+                "val_rows": r,
+                "val_tokens": t,
+            }
+        )
+        if loss is not None:
+            total += loss * t
+            tokens += t
+            n_rows += r
+    overall = total / tokens if tokens else None
+    gens = generate_samples(
+        model, tok, prompts, max_new_tokens=max_new_tokens, chat=chat, kind=cfg.model.kind
+    )
+    report = EvalReport(
+        global_step=global_step,
+        val_loss=overall,
+        val_ppl=None if overall is None else math.exp(min(overall, 50.0)),
+        val_rows=n_rows,
+        val_tokens=tokens,
+        generations=gens,
+        label=step_dir_name(global_step),
+        checkpoint=checkpoint,
+        model=model_info,
+        eval_max_batches=cfg.train.eval_max_batches,
+        max_new_tokens=max_new_tokens,
+        chat=chat,
+        seconds=time.perf_counter() - t0,
+        time=time.time(),
+        files=files,
     )
     if write:
         write_eval_report(run_dir, report)

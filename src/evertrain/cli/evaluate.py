@@ -3,6 +3,8 @@ greedy generations, written to ``RUN/eval/``."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -27,13 +29,19 @@ def evaluate(
     max_new_tokens: Annotated[int, typer.Option(help="tokens generated per prompt")] = 48,
     as_json: Annotated[bool, typer.Option("--json", help="print the JSON report")] = False,
 ) -> None:
-    """Evaluate a checkpoint (or the untrained model) on the run's held-out data."""
+    """Evaluate a checkpoint (or the untrained model) on the run's held-out data.
+
+    A watch run is scored on the held-out rows of every file the checkpoint trained on,
+    per file and token-weighted overall. Exit 2: bad options, missing or damaged
+    checkpoint, data files or (watch run) ledger.
+    """
     import json
 
     from evertrain.config import ConfigError
+    from evertrain.daemon.ledger import LedgerError
     from evertrain.evaluate import DEFAULT_PROMPTS, evaluate_run, write_eval_report
 
-    with model_user_errors():
+    with model_user_errors(), _ledger_errors(LedgerError):
         if step is not None and config is not None:
             raise ConfigError("give --step or --config, not both")
         if max_new_tokens < 1:
@@ -49,3 +57,14 @@ def evaluate(
         jpath, tpath = write_eval_report(run_dir, report)
     typer.echo(json.dumps(report.to_json(), indent=2) if as_json else report.to_text(), nl=False)
     typer.echo(f"report: {jpath} {tpath}", err=True)
+
+
+@contextlib.contextmanager
+def _ledger_errors(kind: type[Exception]) -> Iterator[None]:
+    """A ``kind`` (the ledger's error, imported lazily by the caller) as a one-line message
+    and exit 2, like the other errors of bad input."""
+    try:
+        yield
+    except kind as e:
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -73,6 +73,7 @@ def watch(
         ReconcileError,
         resolve_watch_config,
     )
+    from evertrain.daemon.layout import RunLayout
 
     code = 0
     try:
@@ -84,6 +85,8 @@ def watch(
                 ledger.close()
             cfg = resolve_watch_config(run_dir, config, set_ or [], stored)
             daemon = Daemon(run_dir, cfg, once=once, allow_config_change=allow_config_change)
+            if ui:  # the dashboard refuses a run directory that does not exist yet
+                RunLayout(run_dir).create()
             with _dashboard(run_dir, port) if ui else contextlib.nullcontext():
                 with _progress(daemon):
                     code = daemon.run()
@@ -107,7 +110,7 @@ def _dashboard(run_dir: Path, port: int) -> Iterator[None]:
     """``evertrain ui RUN --port P`` in its own process, stopped when the daemon stops (a
     crash of either never takes the other down)."""
     cmd = [sys.executable, "-m", "evertrain", "ui", str(run_dir), "--port", str(port)]
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent())
     time.sleep(0.5)
     if proc.poll() is not None:
         log.warning("the dashboard exited at once (code %s): %s", proc.returncode, " ".join(cmd))
@@ -120,6 +123,40 @@ def _dashboard(run_dir: Path, port: int) -> Iterator[None]:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGTERM when this process dies (Linux);
+    None elsewhere (there the dashboard outlives a ``kill -9`` of the daemon).
+
+    Why ``prctl(PR_SET_PDEATHSIG)`` rather than the child polling ``os.getppid()``: the
+    kernel delivers the signal at once and needs no code in ``evertrain ui``, which also
+    runs on its own. The ``finally`` of :func:`_dashboard` covers every exit but SIGKILL
+    (and an OOM kill), which would otherwise leave an orphan holding the port. The death
+    signal follows the *thread* that forked, so this must be called from the main thread
+    (it is: the CLI's). libc is resolved here, before the fork, so the child only makes
+    two system calls (work between fork and exec must stay minimal in a threaded parent).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import ctypes.util
+    import signal
+
+    try:
+        prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        log.warning("no prctl in libc: the dashboard may outlive a killed daemon")
+        return None
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 @contextlib.contextmanager

@@ -169,14 +169,20 @@ class StatusWriter:
 
     def __init__(self, path: Path, every_seconds: float) -> None:
         self.path, self.every = path, every_seconds
-        self._last = -float("inf")
+        # Two clocks: the heartbeat only refreshes ``updated`` on the last record, so its
+        # writes must not count as the daemon's own; with one shared clock the heartbeat
+        # kept :meth:`due` false and step progress reached the file only at file ends.
+        self._last_own = -float("inf")
+        self._last_any = -float("inf")
         self._status: dict[str, Any] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def due(self) -> bool:
-        return time.monotonic() - self._last >= self.every
+        """Whether the daemon's own last :meth:`write` is ``every_seconds`` or more old
+        (heartbeat rewrites do not count: they carry no new progress)."""
+        return time.monotonic() - self._last_own >= self.every
 
     def write(self, status: dict[str, Any]) -> None:
         """Replace the file with ``status`` (JSON) now.
@@ -187,10 +193,11 @@ class StatusWriter:
         with self._lock:
             self._status = dict(status)
             self._write_locked(self._status)
+            self._last_own = self._last_any
 
     def _write_locked(self, status: dict[str, Any]) -> None:
         atomic_write(self.path, (json.dumps(status, indent=1) + "\n").encode())
-        self._last = time.monotonic()
+        self._last_any = time.monotonic()
 
     def start_heartbeat(self) -> None:
         """Start the heartbeat thread (a daemon thread; see :meth:`stop_heartbeat`)."""
@@ -208,7 +215,7 @@ class StatusWriter:
     def _beat(self) -> None:
         while not self._stop.wait(self.every):
             with self._lock:
-                if self._status is None or not self.due():
+                if self._status is None or time.monotonic() - self._last_any < self.every:
                     continue
                 try:
                     self._write_locked({**self._status, "updated": time.time()})
