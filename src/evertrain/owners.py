@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from evertrain.optim import OptimizerState
-from evertrain.state import StateError, check_version
+from evertrain.state import StateError, check_tensors_fit, check_version
 
 
 def is_stateful(obj: Any) -> bool:
@@ -124,23 +124,8 @@ class ModuleState:
         """
         check_version(state, self.name, self.VERSION)
         saved: dict[str, Any] = state["weights"]
-        target = _model_tensors(self.model)
-        missing, unexpected = sorted(set(target) - set(saved)), sorted(set(saved) - set(target))
-        if missing or unexpected:
-            raise StateError(
-                f"{self.name}: the checkpoint's weights do not fit this model: missing "
-                f"{missing[:5]}{' …' if len(missing) > 5 else ''}, unexpected "
-                f"{unexpected[:5]}{' …' if len(unexpected) > 5 else ''}; resume with the model "
-                f"that wrote it, or use a new run directory"
-            )
-        for n, dst in target.items():
-            src = saved[n]
-            if src.shape != dst.shape or src.dtype != dst.dtype:
-                raise StateError(
-                    f"{self.name}: {n} is {src.dtype}{list(src.shape)} in the checkpoint but "
-                    f"{dst.dtype}{list(dst.shape)} in the model; resume with the model that "
-                    f"wrote it, or use a new run directory"
-                )
+        fix = "resume with the model that wrote it, or use a new run directory"
+        check_tensors_fit(self.name, saved, _model_tensors(self.model), fix)
         set_model_state_dict(self.model, dict(saved), options=StateDictOptions(strict=True))
 
 

@@ -12,6 +12,7 @@ Every state dict carries an integer ``"version"``; loading a different version r
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 
@@ -46,3 +47,35 @@ def check_version(state: dict[str, Any], owner: str, expected: int) -> None:
             f"{owner} state has version {found!r}, this evertrain reads version {expected}; "
             f"resume with the evertrain version that wrote the checkpoint, or start a new run"
         )
+
+
+def check_tensors_fit(
+    owner: str, saved: Mapping[str, Any], target: Mapping[str, Any], fix: str
+) -> None:
+    """Raise :class:`StateError` unless ``saved`` (name -> tensor, from a checkpoint) has
+    exactly ``target``'s names (the live tensors), each with the same shape and dtype: no
+    silent cast or partial load, either would break exactness.
+
+    Args:
+        owner: the owner's name, first in the message.
+        saved, target: name -> tensor.
+        fix: what the user should do, ending the message.
+
+    Raises:
+        StateError: names missing or unexpected (up to 5 of each), or the first tensor whose
+            shape or dtype differs.
+    """
+    missing, unexpected = sorted(set(target) - set(saved)), sorted(set(saved) - set(target))
+    if missing or unexpected:
+        raise StateError(
+            f"{owner}: the checkpoint's weights do not fit this model: missing "
+            f"{missing[:5]}{' …' if len(missing) > 5 else ''}, unexpected "
+            f"{unexpected[:5]}{' …' if len(unexpected) > 5 else ''}; {fix}"
+        )
+    for n, dst in target.items():
+        src = saved[n]
+        if src.shape != dst.shape or src.dtype != dst.dtype:
+            raise StateError(
+                f"{owner}: {n} is {src.dtype}{list(src.shape)} in the checkpoint but "
+                f"{dst.dtype}{list(dst.shape)} in the model; {fix}"
+            )

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from evertrain.state import StateError
+from evertrain.state import StateError, check_tensors_fit
 
 _COMPILE_PREFIX = "_orig_mod."
 
@@ -114,22 +114,8 @@ def load_trainable_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor
             shape or dtype differs from the model's (no cast: it would break exactness).
     """
     targets = _model_tensors(model)
-    missing = sorted(set(targets) - set(tensors))
-    unexpected = sorted(set(tensors) - set(targets))
-    if missing or unexpected:
-        raise StateError(
-            f"model: saved weights do not match the model: missing {missing[:5]}"
-            f"{' …' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-            f"{' …' if len(unexpected) > 5 else ''}; was the checkpoint made with the same "
-            f"model.source and lora settings?"
-        )
-    for n, dst in targets.items():
-        src = tensors[n]
-        if src.shape != dst.shape or src.dtype != dst.dtype:
-            raise StateError(
-                f"model: {n} is {src.dtype}{list(src.shape)} in the saved weights but "
-                f"{dst.dtype}{list(dst.shape)} in the model; use the same model.dtype and lora.r"
-            )
+    fix = "use the model.source, model.dtype and lora settings (lora.r) it was made with"
+    check_tensors_fit("model", tensors, targets, fix)
     with torch.no_grad():
         for n, dst in targets.items():
             dst.copy_(tensors[n])
