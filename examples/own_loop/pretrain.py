@@ -9,6 +9,7 @@ the same command again: the run continues bit-identically.
 """
 
 import argparse
+import gc
 import math
 from pathlib import Path
 
@@ -110,4 +111,10 @@ with ckpt, ckpt.stop_on_signals():
         ckpt.step(step, {"loss": loss_sum.item() / world, "lr": sched.get_last_lr()[0]}, save=step == t.steps)
 if rank == 0:
     print(f"global_step {step} on {world} ranks, epochs done {tracker.epoch}, epoch losses {tracker.epoch_losses}")
+# Tear the group down only when every rank is past its last collective, and after the
+# DDP reducer (which holds the group) is gone: gloo work objects still alive at interpreter
+# exit can abort the process with SIGABRT ("terminate called without an active exception").
+dist.barrier()
+del ckpt, ddp
+gc.collect()
 dist.destroy_process_group()
