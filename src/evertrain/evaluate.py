@@ -31,6 +31,7 @@ tokens), so it equals one pass over the union of the files' held-out rows.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -44,6 +45,7 @@ import torch
 from evertrain.checkpoint.format import step_dir_name
 from evertrain.config import RunConfig
 from evertrain.data.pack import target_tokens
+from evertrain.step import loss_totals
 from evertrain.train_settings import token_loss_sum
 
 # Beginnings in the style of CPython's reference documentation (the main job's data), so
@@ -180,19 +182,20 @@ def heldout_loss(
         ``(loss in nats/token or None when no token was scored, rows scored, tokens
         scored)``.
     """
-    if device is None:
-        device = next(model.parameters()).device
-    total, count, rows = 0.0, 0, 0
-    with _eval_mode(model), torch.no_grad():
-        for b, start in enumerate(range(0, len(dataset), micro_batch_size)):
-            if max_batches is not None and b >= max_batches:
-                break
-            items = [dataset[i] for i in range(start, min(start + micro_batch_size, len(dataset)))]
-            batch = {k: torch.stack([r[k] for r in items]).to(device) for k in items[0]}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                total += float(token_loss_sum(model, batch, kind))
-            count += target_tokens(batch["labels"], kind)
-            rows += len(items)
+    dev = next(model.parameters()).device if device is None else device
+    with _eval_mode(model):
+        total, count, rows = loss_totals(
+            model,
+            dataset,
+            loss_fn=functools.partial(token_loss_sum, kind=kind),
+            count_targets=lambda batch: target_tokens(batch["labels"], kind),
+            micro_batch_size=micro_batch_size,
+            max_batches=max_batches,
+            device=dev,
+            autocast=lambda: torch.autocast(
+                dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"
+            ),
+        )
     if count == 0:
         return None, rows, 0
     return total / count, rows, count

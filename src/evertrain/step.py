@@ -104,6 +104,39 @@ def nonfinite_step(
 
 
 @torch.no_grad()
+def loss_totals(
+    forward: Any,
+    dataset: Any,
+    *,
+    loss_fn: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor],
+    count_targets: Callable[[Mapping[str, torch.Tensor]], int],
+    micro_batch_size: int,
+    max_batches: int | None,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[float, int, int]:
+    """``(summed token loss in nats, target tokens, rows)`` of ``dataset``'s rows in
+    order, ``micro_batch_size`` at a time (at most ``max_batches`` batches; batch ``b``
+    scored by rank ``b % world_size``): the one held-out loop of the trainer and of
+    ``evertrain eval``, so both report the same number. Leaves the module's mode alone."""
+    total, count, scored = 0.0, 0, 0
+    for b, start in enumerate(range(0, len(dataset), micro_batch_size)):
+        if max_batches is not None and b >= max_batches:
+            break
+        if b % world_size != rank:  # each rank evaluates its share
+            continue
+        rows = [dataset[i] for i in range(start, min(start + micro_batch_size, len(dataset)))]
+        batch = {k: torch.stack([r[k] for r in rows]).to(device) for k in rows[0]}
+        with autocast():
+            total += float(loss_fn(forward, batch))
+        count += count_targets(batch)
+        scored += len(rows)
+    return total, count, scored
+
+
+@torch.no_grad()
 def heldout_loss(
     model: torch.nn.Module,
     forward: Any,
@@ -116,22 +149,15 @@ def heldout_loss(
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager[Any]],
 ) -> dict[str, float]:
-    """``{"val_loss": nats per target token, "val_ppl"}`` over ``dataset``'s rows in order,
-    ``settings.micro_batch_size`` at a time (at most ``settings.eval_max_batches``
-    batches), each rank its share. No dropout (eval mode, restored to train), no RNG draw."""
+    """``{"val_loss": nats per target token, "val_ppl"}`` over ``dataset`` (see
+    :func:`loss_totals`), each rank its share. No dropout (eval mode, restored to train),
+    no RNG draw."""
     model.eval()  # no dropout: eval must not draw from the training RNG
-    mbs, limit = settings.micro_batch_size, settings.eval_max_batches
-    total, count = 0.0, 0
-    for b, start in enumerate(range(0, len(dataset), mbs)):
-        if limit is not None and b >= limit:
-            break
-        if b % group.world_size != group.rank:  # each rank evaluates its share
-            continue
-        rows = [dataset[i] for i in range(start, min(start + mbs, len(dataset)))]
-        batch = {k: torch.stack([r[k] for r in rows]).to(device) for k in rows[0]}
-        with autocast():
-            total += float(loss_fn(forward, batch))
-        count += count_targets(batch)
+    total, count, _ = loss_totals(
+        forward, dataset, loss_fn=loss_fn, count_targets=count_targets,
+        micro_batch_size=settings.micro_batch_size, max_batches=settings.eval_max_batches,
+        device=device, autocast=autocast, rank=group.rank, world_size=group.world_size,
+    )  # fmt: skip
     model.train()
     total, count = distributed.eval_totals(group, total, count)
     val_loss = total / max(count, 1)
