@@ -416,7 +416,7 @@ class Checkpointer:
                 f"step({global_step}) after step {self.progress.global_step}: global_step must "
                 f"increase"
             )
-        self.manager.check()
+        self.check()
         self.progress.global_step = global_step
         if metrics:
             self._last_metrics = dict(metrics)
@@ -516,13 +516,26 @@ class Checkpointer:
         self._save_pending = False
         self.save_policy.mark_saved(step, time.monotonic())
         self.last_checkpoint, self.last_saved_step = path, step
-        for stats in self.manager.take_stats():
-            self.metrics.write(stats.as_metrics())
+        self._log_save_stats()
         return path
+
+    def _log_save_stats(self) -> None:
+        # each save's cost (stall, write, bytes) goes to metrics.jsonl once it is known
+        if self.metrics is not None:
+            for stats in self.manager.take_stats():
+                self.metrics.write(stats.as_metrics())
+
+    def check(self) -> None:
+        """Raise the error of a background save that failed since the last call, if any;
+        never blocks. :meth:`step` calls it; a loop driving :meth:`maybe_save` itself calls
+        it once per step."""
+        self.manager.check()
+        self._log_save_stats()
 
     def wait(self) -> None:
         """Block until a background save is committed; raise its error if it failed."""
         self.manager.wait()
+        self._log_save_stats()
 
     def close(self) -> None:
         """Wait for a background save (raising its error), then close the files. Idempotent."""

@@ -184,7 +184,6 @@ class Trainer:
         self.save_policy = self.ckpt.save_policy
         self.last_eval: dict[str, float] = {}
         self.summary_fields = summary_fields or dict
-        self.resumed_from: int | None = None
         self.loader: Any = None
         self.on_step: list[Callable[[StepStats], None]] = []
         self.on_step.extend(distributed.debug_hooks(self))
@@ -215,7 +214,6 @@ class Trainer:
         step = self.ckpt.resume()
         info = self.ckpt.last_checkpoint
         if info is not None:
-            self.resumed_from = step
             summary = self.ckpt.latest()
             self.last_eval = dict(summary.summary.get("metrics", {})) if summary else {}
             for change in getattr(self.scheduler, "changes", list)():
@@ -308,11 +306,6 @@ class Trainer:
     def wait_for_checkpoint(self) -> None:
         """Block until a background save is committed; raise its error if it failed."""
         self.ckpt.wait()
-        self._log_checkpoint_stats()
-
-    def _log_checkpoint_stats(self) -> None:
-        for stats in self.ckpt.manager.take_stats():
-            self.metrics.write(stats.as_metrics())
 
     def save_policy_last_step(self) -> int | None:
         """global_step of the last checkpoint this process committed (or resumed from)."""
@@ -384,8 +377,7 @@ class Trainer:
             ValueError: ``micro_batches`` is not in ``1..grad_accum_steps``.
             DivergedError: a non-finite step with ``on_nonfinite="stop"``.
         """
-        self.ckpt.manager.check()  # a failed background save surfaces at the next step
-        self._log_checkpoint_stats()
+        self.ckpt.check()  # a failed background save surfaces at the next step
         p, accum = self.progress, self.grad_accum_steps
         n_micro = accum if micro_batches is None else micro_batches
         if not 1 <= n_micro <= accum:
