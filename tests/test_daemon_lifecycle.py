@@ -155,7 +155,7 @@ def test_pause_disk_full_retry_and_snapshots(tmp_path: Path) -> None:
             checkpoint={"every_steps": 1, "keep_last": 10, "min_free_bytes": 1 << 60},
             watch={
                 "epochs_per_file": 2,
-                "disk_retry_seconds": 0.2,
+                "retry_seconds": 0.2,
                 "snapshot_every_files": 1,
                 "snapshot_keep_last": 2,
             },

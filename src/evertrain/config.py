@@ -241,7 +241,7 @@ class WatchConfig(_Section):
     snapshot_keep_last: int | None = Field(None, gt=0)  # None = keep every snapshot
     snapshot_merge: bool = False  # also export a merged full model ("consolidation")
     status_every_seconds: float = Field(2.0, gt=0)  # RUN/status.json refresh interval
-    disk_retry_seconds: float = Field(30.0, gt=0)  # wait before retrying a skipped save
+    retry_seconds: float = Field(30.0, gt=0)  # disk full or read-only: probe and retry this often
 
     @model_validator(mode="after")
     def _check(self) -> WatchConfig:

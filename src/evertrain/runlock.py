@@ -27,6 +27,20 @@ class RunLockedError(RuntimeError):
     """Another process holds the run directory; the message names it (pid, host, since)."""
 
 
+class RunDirNotWritableError(RuntimeError):
+    """The run directory cannot be created or written (read-only file system, no
+    permission, a file in its place); the message names it, the reason and what to do."""
+
+
+def not_writable(run_dir: Path, e: OSError) -> RunDirNotWritableError:
+    """The one-line error for ``e``, raised while creating or writing ``run_dir``."""
+    return RunDirNotWritableError(
+        f"run directory {run_dir} is not writable ({e.strerror or e}"
+        f"{': ' + str(e.filename) if e.filename else ''}); give a writable --run-dir "
+        "(or fix its permissions or mount)"
+    )
+
+
 LOCK_NAME = "daemon.lock"  # RUN/daemon.lock (named when only the daemon took it)
 
 # resolved lock path -> [fd, references]: the locks this process holds
@@ -59,6 +73,7 @@ class RunLock:
 
         Raises:
             RunLockedError: another process holds it.
+            RunDirNotWritableError: the directory or the lock file cannot be created.
         """
         if self._held:
             return
@@ -67,8 +82,11 @@ class RunLock:
             _HELD[key][1] += 1
             self._held = True
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise not_writable(self.path.parent, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

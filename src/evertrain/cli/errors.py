@@ -16,7 +16,7 @@ def user_errors() -> Iterator[None]:
     """Print ``error: <message>`` (no traceback) for config, data, state and resume errors."""
     from evertrain.checkpoint import CheckpointError
     from evertrain.data import DataError
-    from evertrain.runlock import RunLockedError
+    from evertrain.runlock import RunDirNotWritableError, RunLockedError
     from evertrain.trainer import ResumeError
 
     try:
@@ -28,6 +28,7 @@ def user_errors() -> Iterator[None]:
         DataError,
         ResumeError,
         RunLockedError,
+        RunDirNotWritableError,
         FileNotFoundError,
     ) as e:
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)

@@ -53,6 +53,7 @@ def watch(
     """
     from evertrain.cli.status import console_for_tables, files_table, ledger_rows
     from evertrain.daemon.lock import RunLock, RunLockedError
+    from evertrain.runlock import RunDirNotWritableError
 
     # Refuse a second daemon at once, before loading torch and the model (the daemon takes
     # the lock again for good when it starts). Under torchrun only rank 0 probes: the other
@@ -90,7 +91,7 @@ def watch(
             with _dashboard(run_dir, port) if ui else contextlib.nullcontext():
                 with _progress(daemon):
                     code = daemon.run()
-    except RunLockedError as e:
+    except (RunLockedError, RunDirNotWritableError) as e:
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
         raise typer.Exit(EXIT_LOCKED) from None
     except DivergedError as e:

@@ -40,6 +40,7 @@ class BadFiles:
 
     # what the file at hand is going through, for reject reasons: validating or training
     _phase: str = "validating"
+    _attempts_to_undo: set[int]
 
     def _begin_attempt(self, row: FileRow) -> bool:
         """Count an attempt at ``row`` in the ledger before any work on it (so a death
@@ -65,7 +66,19 @@ class BadFiles:
             if now is not None and now.status not in ("done", "duplicate") and now.attempts > 0:
                 self.ledger.update(row.id, attempts=now.attempts - 1)
         except sqlite3.Error as e:  # must not hide the error that may be on its way out
-            log.error("file %d: cannot update its attempt count: %s", row.id, e)
+            # (a full disk): done by :meth:`_undo_attempts` once the ledger takes writes,
+            # or every pause for the disk would count as a death of the file
+            log.error("file %d: cannot update its attempt count yet: %s", row.id, e)
+            self._attempts_to_undo.add(row.id)
+
+    def _undo_attempts(self) -> None:
+        """Apply the attempt un-counts that :meth:`_end_attempt` could not write."""
+        assert self.ledger is not None
+        for file_id in sorted(self._attempts_to_undo):
+            now = self.ledger.get(file_id)
+            if now is not None and now.status not in ("done", "duplicate") and now.attempts > 0:
+                self.ledger.update(file_id, attempts=now.attempts - 1)
+        self._attempts_to_undo.clear()
 
     def _quarantine(self, row: FileRow, deaths: int) -> None:
         cur = self.stream.current

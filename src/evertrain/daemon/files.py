@@ -79,6 +79,7 @@ class FileWork(BadFiles):
         progress_log: ProgressLog
         controls: ControlReader
         stop_reason: str | None
+        state: str
         warning: str | None
         _plan: FilePlan | None
         _control: Control
@@ -398,22 +399,26 @@ class FileWork(BadFiles):
 
     def _save_until_committed(self) -> bool:
         """Save; while the save is skipped for disk space, warn and retry every
-        ``watch.disk_retry_seconds``. False if a stop was requested before it succeeded.
+        ``watch.retry_seconds``. False if a stop was requested before it succeeded.
         Returns only once the checkpoint is committed (an asynchronous save is waited
         for): a file is done only when the checkpoint holding its last step is on disk."""
+        before = self.state
         while self._save() is None:
+            self.warning = f"paused: {self.warning}"
+            self._set_state("paused")
             log.warning(
                 "CHECKPOINT NOT WRITTEN: the file cannot be marked done until it is; "
                 "retrying in %g s (free disk space in %s)",
-                self.w.disk_retry_seconds,
+                self.w.retry_seconds,
                 self.layout.checkpoints,
             )
-            deadline = time.monotonic() + self.w.disk_retry_seconds
+            deadline = time.monotonic() + self.w.retry_seconds
             while self.stop_reason is None and time.monotonic() < deadline:
                 self._sleep(min(self.w.poll_seconds, max(deadline - time.monotonic(), 0.01)))
                 self._write_status()
             if self.stop_reason is not None:
                 return False
+        self._set_state(before)
         wait = getattr(self.trainer, "wait_for_checkpoint", None)
         if wait is not None:
             wait()

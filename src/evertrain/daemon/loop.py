@@ -47,6 +47,7 @@ from typing import Any
 
 from evertrain.config import RunConfig
 from evertrain.daemon.control import Control, ControlReader
+from evertrain.daemon.diskwait import describe, disk_error, probe_write
 from evertrain.daemon.errors import DaemonError
 from evertrain.daemon.filedata import FileData
 from evertrain.daemon.files import FileWork
@@ -60,6 +61,7 @@ from evertrain.daemon.schedule import StreamScheduler
 from evertrain.daemon.snapshots import Snapshots
 from evertrain.daemon.status import ProgressLog, StatusWriter, StepMeter, status_record
 from evertrain.daemon.stream import FilePlan, StreamState
+from evertrain.runlock import not_writable
 from evertrain.signals import on_stop_signals
 
 log = logging.getLogger("evertrain.daemon")
@@ -111,6 +113,7 @@ class Daemon(FileWork):
         self._last_checkpoint: dict[str, Any] | None = None
         self._last_snapshot_request: float | None = None
         self._intake_failed: set[str] = set()
+        self._attempts_to_undo: set[int] = set()
         self.ledger: Ledger | None = None
         self.scanner: InboxScanner | None = None
         self.watcher: InboxWatcher | None = None
@@ -145,9 +148,13 @@ class Daemon(FileWork):
                 self.layout.root, self.cfg, allow_config_change=self.allow_config_change
             )
             return follower.run()
-        self.layout.create()
         lock = RunLock(self.layout.lock)
-        lock.acquire()
+        lock.acquire()  # first: a run directory that cannot be written fails here, one line
+        try:
+            self.layout.create()
+        except OSError as e:
+            lock.release()
+            raise not_writable(self.layout.root, e) from None
         handler = logging.FileHandler(self.layout.log_file, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root = logging.getLogger("evertrain")
@@ -156,23 +163,92 @@ class Daemon(FileWork):
             root.setLevel(logging.INFO)
         try:
             with self._signals():
-                self._start()
-                self._loop()
+                while True:
+                    try:
+                        self._start()
+                        self._loop()
+                        break
+                    except Exception as e:
+                        err = disk_error(e)
+                        # under torchrun the other ranks would have to start over in step
+                        # with rank 0: there the error stops the group (resume by restart)
+                        if err is None or self.link.active:
+                            raise
+                        if not self._wait_for_disk(err):
+                            return self._stopped_while_waiting()
                 code = self._shutdown()
                 self.link.send("stop")
                 return code
         finally:
-            if getattr(self, "status", None) is not None:
-                self.status.stop_heartbeat()
-            if self.watcher is not None:
-                self.watcher.stop()
-            if self.trainer is not None:
-                self.trainer.close()
-            if self.ledger is not None:
-                self.ledger.close()
+            self._close_all()
             root.removeHandler(handler)
             handler.close()
             lock.release()
+
+    def _close_all(self) -> None:
+        if getattr(self, "status", None) is not None:
+            self.status.stop_heartbeat()
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+        try:
+            if self.trainer is not None:
+                self.trainer.close()  # idempotent; kept for callers reading the end state
+        finally:
+            if self.ledger is not None:
+                self.ledger.close()
+                self.ledger = None
+
+    # ------------------------------------------------------------------ full disk
+
+    def _wait_for_disk(self, err: BaseException) -> bool:
+        """Drop all in-memory state (see :mod:`evertrain.daemon.diskwait`), say why in
+        ``status.json``, and probe the run directory every ``watch.retry_seconds`` until
+        it takes writes again. True then (the caller starts over from the newest
+        checkpoint), False if a stop was requested first."""
+        step = self._last_checkpoint["global_step"] if self._last_checkpoint else 0
+        log.error(
+            "DISK FULL OR READ-ONLY: %s. Paused; nothing committed is lost (the run resumes "
+            "from the checkpoint of global_step %d). Retrying every %g s: free space in %s",
+            describe(err),
+            step,
+            self.w.retry_seconds,
+            self.layout.root,
+        )
+        with contextlib.suppress(Exception):  # a save in flight fails the same way
+            self._close_all()
+        self.trainer = None
+        self._plan = None
+        why = describe(err)
+        self.warning = (
+            f"paused: disk full or read-only ({why}); retrying every {self.w.retry_seconds:g} s, "
+            f"resumes from global_step {step} by itself once {self.layout.root} takes writes"
+        )
+        self._set_state("paused")
+        while self.stop_reason is None:
+            self._sleep(self.w.retry_seconds)
+            if self.stop_reason is not None:
+                break
+            problem = probe_write(self.layout.root, self.cfg.checkpoint.min_free_bytes)
+            if problem is None:
+                log.warning("the run directory takes writes again: resuming")
+                self.warning = None
+                self._set_state("starting")
+                return True
+            self.warning = self.warning.split(" [now: ")[0] + f" [now: {problem}]"
+            self._write_status(force=True)
+        return False
+
+    def _stopped_while_waiting(self) -> int:
+        step = self._last_checkpoint["global_step"] if self._last_checkpoint else 0
+        log.warning(
+            "stopped by %s while paused for the disk; the next start resumes from the "
+            "checkpoint of global_step %d",
+            self.stop_reason,
+            step,
+        )
+        self._set_state("stopped")
+        return 0
 
     # ------------------------------------------------------------------ start
 
@@ -200,6 +276,7 @@ class Daemon(FileWork):
         new_ledger = not self.layout.ledger.exists()
         self._check_checkpoints_are_ours(new_ledger)
         self.ledger = Ledger(self.layout.ledger)
+        self._undo_attempts()
         self.ledger.meta_set("config", self.cfg.to_json())
         self.status = StatusWriter(self.layout.status, self.w.status_every_seconds)
         self._write_status(force=True)
@@ -401,6 +478,8 @@ class Daemon(FileWork):
         )
 
     def _write_status(self, force: bool = False) -> None:
+        if getattr(self, "status", None) is None:
+            return
         if force or self.status.due():
             try:
                 self.status.write(self.status_dict())
@@ -414,7 +493,13 @@ class Daemon(FileWork):
         code = 0
         tr = self.trainer
         if tr is not None and tr.save_policy_last_step() != tr.progress.global_step:
-            if self._save() is None:
+            try:
+                saved = self._save() is not None
+            except Exception as e:
+                if disk_error(e) is None:
+                    raise
+                saved = False  # the disk filled during the last steps: say so, no traceback
+            if not saved:
                 log.error(
                     "FINAL CHECKPOINT NOT WRITTEN (no disk space): the next start resumes from "
                     "global_step %s and repeats the steps after it",

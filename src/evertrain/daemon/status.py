@@ -13,6 +13,7 @@ is waiting out, e.g. no disk space for a checkpoint; else null), ``watcher`` (``
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -196,7 +197,14 @@ class StatusWriter:
             self._last_own = self._last_any
 
     def _write_locked(self, status: dict[str, Any]) -> None:
-        atomic_write(self.path, (json.dumps(status, indent=1) + "\n").encode())
+        data = (json.dumps(status, indent=1) + "\n").encode()
+        try:
+            atomic_write(self.path, data)
+        except OSError as e:
+            # A full disk is exactly when the status must say so: the atomic way needs a
+            # new file, so overwrite the old one's blocks instead (readers retry a torn read)
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not _overwrite(self.path, data):
+                raise
         self._last_any = time.monotonic()
 
     def start_heartbeat(self) -> None:
@@ -223,6 +231,24 @@ class StatusWriter:
                     pass  # the daemon's own next write reports it
 
 
+def _overwrite(path: Path, data: bytes) -> bool:
+    """Write ``data`` over ``path``'s bytes without allocating (within the blocks the file
+    already has), padding a shorter record with spaces (still valid JSON); False if the
+    file is missing or its blocks are too few."""
+    try:
+        with open(path, "r+b") as f:
+            old = f.seek(0, os.SEEK_END)
+            if len(data) > max(old, os.fstat(f.fileno()).st_blocks * 512):
+                return False
+            old = max(old, len(data))
+            f.seek(0)
+            f.write(data[:-1] + b" " * (old - len(data)) + b"\n")
+            f.flush()
+    except OSError:
+        return False
+    return True
+
+
 def read_status(run_dir: Path) -> dict[str, Any] | None:
     """The last status the daemon of ``run_dir`` wrote, or None if there is none.
 
@@ -231,12 +257,16 @@ def read_status(run_dir: Path) -> dict[str, Any] | None:
             means it was edited or damaged).
     """
     path = Path(run_dir) / "status.json"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    try:
-        out: dict[str, Any] = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return out
+    for attempt in range(3):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        try:
+            out: dict[str, Any] = json.loads(text)
+            return out
+        except json.JSONDecodeError as e:
+            if attempt == 2:  # not a torn in-place write (see StatusWriter): damaged
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+            time.sleep(0.05)
+    raise AssertionError("unreachable")
