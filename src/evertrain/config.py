@@ -168,9 +168,10 @@ class TrainConfig(_Section):
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:N
     eval_every_steps: int | None = Field(None, gt=0)
     eval_max_batches: int | None = Field(None, gt=0)
-    # a non-finite loss or gradient norm: stop (exit 3, nothing applied or saved) or skip
-    # the step's batches (no update; counted in the metrics)
-    on_nonfinite: Literal["stop", "skip"] = "stop"
+    # a non-finite loss or gradient norm: stop (exit 3, nothing applied or saved), skip
+    # the step's batches (no update; counted in the metrics and the ledger), or rollback
+    # (also reload model and optimizer from the newest checkpoint; evertrain.guard)
+    on_nonfinite: Literal["stop", "skip", "rollback"] = "stop"
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -21,6 +21,9 @@ class Progress:
         tokens_seen: non-padding input tokens consumed, all ranks.
         best_metric / best_step: best eval value so far (per ``checkpoint.best_mode``).
         recent_losses: the last 100 per-step training losses.
+        skipped_steps: optimizer steps whose updates the divergence guard dropped or
+            rolled back (:mod:`evertrain.guard`); absent in checkpoints written before it
+            existed, which read as 0.
     """
 
     VERSION = 1
@@ -31,6 +34,7 @@ class Progress:
     best_metric: float | None = None
     best_step: int | None = None
     recent_losses: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
 
     def record_loss(self, loss: float) -> None:
         self.recent_losses = (self.recent_losses + [loss])[-RECENT:]
@@ -49,5 +53,6 @@ class Progress:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_version(state, "progress", self.VERSION)
+        optional = {"skipped_steps": 0}
         for k in asdict(self):
-            setattr(self, k, state[k])
+            setattr(self, k, state[k] if k not in optional else state.get(k, optional[k]))

@@ -21,7 +21,6 @@ import torch
 
 from evertrain import distributed
 from evertrain.data.loader import ROW_MASK
-from evertrain.errors import DivergedError
 from evertrain.faults import maybe_crash, poisoned
 
 log = logging.getLogger("evertrain")
@@ -82,25 +81,6 @@ def backward_step(
         maybe_crash("micro", global_step, micro)
         group.maybe_crash("micro", global_step, micro)
     return loss_sum, tokens, examples, global_targets
-
-
-def nonfinite_step(
-    global_step: int, loss: float, norm: float, policy: str, last_checkpoint: Any
-) -> None:
-    """What a step with a non-finite loss or gradient norm (never applied) leads to.
-
-    Raises:
-        DivergedError: ``policy`` is ``"stop"`` (the message names the step and the last
-            good checkpoint); ``"skip"`` only warns.
-    """
-    what = f"global_step {global_step}: loss {loss}, gradient norm {norm}"
-    if policy == "stop":
-        raise DivergedError(
-            f"diverged at {what}; the step was not applied and nothing was saved from it. "
-            f"Last good checkpoint: {last_checkpoint or 'none'}. Lower train.lr, check the "
-            f"data, or set train.on_nonfinite: skip"
-        )
-    log.warning("non-finite %s: the step's batches are skipped (no update)", what)
 
 
 @torch.no_grad()

@@ -33,6 +33,9 @@ class StepStats:
     examples: int  # sequences in this step
     seconds: float
     epoch: int
+    # optimizer steps whose updates this step undid: 0, or for a non-finite step 1 (skip)
+    # or the steps since the checkpoint it rolled back to (evertrain.guard)
+    steps_undone: int = 0
 
 
 @dataclass
@@ -52,7 +55,9 @@ class TrainSettings:
         num_workers: DataLoader worker processes.
         on_nonfinite: a step whose loss or gradient norm is NaN or infinite is never
             applied; ``"stop"`` raises :class:`DivergedError`, ``"skip"`` drops the step's
-            batches (a ``"skipped": true`` train line in the metrics) and goes on.
+            batches (a ``"skipped": true`` train line in the metrics) and goes on,
+            ``"rollback"`` also reloads model and optimizer from the newest checkpoint
+            (:mod:`evertrain.guard`).
     """
 
     micro_batch_size: int = 4

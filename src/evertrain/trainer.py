@@ -33,10 +33,11 @@ from evertrain.config import CheckpointConfig, ConfigError
 from evertrain.data import DataCursor, make_loader
 from evertrain.data.loader import dataset_fingerprint
 from evertrain.faults import maybe_crash
+from evertrain.guard import DivergenceGuard
 from evertrain.metrics import MetricsLog
 from evertrain.owners import ModuleState, ObjectState, optimizer_state
 from evertrain.progress import Progress
-from evertrain.step import backward_step, heldout_loss, nonfinite_step
+from evertrain.step import backward_step, heldout_loss
 from evertrain.train_settings import (
     LossFn,
     Rows,
@@ -182,6 +183,7 @@ class Trainer:
             chosen = resume_from if isinstance(resume_from, CheckpointInfo) else None
             self.ckpt.use_checkpoint(chosen)
         self.save_policy = self.ckpt.save_policy
+        self.guard = DivergenceGuard(self.settings.on_nonfinite, self.ckpt)
         self.last_eval: dict[str, float] = {}
         self.summary_fields = summary_fields or dict
         self.loader: Any = None
@@ -406,14 +408,13 @@ class Trainer:
             self.settings.max_grad_norm or math.inf,
         )
         finite = math.isfinite(loss_sum) and math.isfinite(float(norm))
+        undone = 0
         if finite:
             self.optimizer.step()
         else:
             self.optimizer.zero_grad(set_to_none=True)
-            nonfinite_step(
-                step + 1, loss_sum, float(norm), self.settings.on_nonfinite,
-                self.ckpt.last_checkpoint,
-            )  # fmt: skip
+            undone = self.guard.nonfinite(step + 1, loss_sum, float(norm))
+            p.skipped_steps += undone
         if self.scheduler is not None and not callable(apply):
             self.scheduler.step()  # a torch LRScheduler: stepped after the optimizer
         self.optimizer.zero_grad(set_to_none=True)
@@ -424,10 +425,12 @@ class Trainer:
             p.record_loss(loss_sum)
         stats = StepStats(
             p.global_step, loss_sum, lr, float(norm), tokens, examples,
-            time.perf_counter() - t0, epoch,
+            time.perf_counter() - t0, epoch, undone,
         )  # fmt: skip
         line = {"kind": "train", **stats.__dict__}
-        if not finite:  # JSON has no NaN
+        if finite:
+            del line["steps_undone"]
+        else:  # JSON has no NaN
             line.update(loss=None, grad_norm=None, skipped=True)
         self.metrics.write(line)
         for hook in self.on_step:

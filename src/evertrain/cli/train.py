@@ -69,6 +69,7 @@ def train(
             {
                 "outcome": outcome,
                 "global_step": trainer.progress.global_step,
+                "skipped_steps": trainer.progress.skipped_steps,
                 "run_dir": str(run_dir),
                 **trainer.last_eval,
             }

@@ -328,6 +328,8 @@ class FileWork(BadFiles):
             if self.link.any_stop(self.stop_reason is not None) and self.stop_reason is None:
                 self.request_stop("a stop on another rank")
             plan.steps_done += 1
+            # a rollback may undo steps of earlier files too; the row counts its own
+            plan.steps_skipped += min(stats.steps_undone, plan.steps_done)
             if plan.loss_start is None:
                 plan.loss_start = stats.loss
             plan.loss_end = stats.loss
@@ -453,6 +455,7 @@ class FileWork(BadFiles):
             "loss_end": plan.loss_end,
             "val_loss_before": plan.val_loss_before,
             "val_loss_after": val_after,
+            "skipped_steps": plan.steps_skipped,
         }
         self.stream.complete(stats)
         if self.w.replay_fraction <= 0:

@@ -12,7 +12,8 @@ Tables (the schema is in ``docs/run-directory.md``):
   committed. ``attempts`` counts the daemon processes that began work on the file and died
   without unwinding (SIGKILL, a segfault, the OOM killer) since its training last advanced
   (``attempt_step``: global_step when the last one began); two quarantine the file
-  (:mod:`evertrain.daemon.files`).
+  (:mod:`evertrain.daemon.files`). ``skipped_steps``: of the file's steps, those the
+  divergence guard did not apply or rolled back (``train.on_nonfinite``).
 - ``snapshots``: one row per exported snapshot.
 - ``meta``: ``schema_version`` and ``config`` (the resolved run config of the last start,
   JSON), so ``evertrain watch RUN`` can restart without ``--config``.
@@ -53,7 +54,8 @@ CREATE TABLE IF NOT EXISTS files (
     val_loss_after REAL,
     error TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
-    attempt_step INTEGER
+    attempt_step INTEGER,
+    skipped_steps INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS files_hash ON files (content_hash);
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -68,7 +70,11 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 # Columns added after schema version 1 was first written: ledgers of earlier versions get
 # them on the daemon's next start (readers of such a ledger see the defaults).
-_ADDED_COLUMNS = {"attempts": "INTEGER NOT NULL DEFAULT 0", "attempt_step": "INTEGER"}
+_ADDED_COLUMNS = {
+    "attempts": "INTEGER NOT NULL DEFAULT 0",
+    "attempt_step": "INTEGER",
+    "skipped_steps": "INTEGER NOT NULL DEFAULT 0",
+}
 
 
 class LedgerError(RuntimeError):
@@ -100,6 +106,7 @@ class FileRow:
     error: str | None = None
     attempts: int = 0
     attempt_step: int | None = None
+    skipped_steps: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

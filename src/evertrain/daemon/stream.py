@@ -71,6 +71,7 @@ class FilePlan:
     loss_start: float | None = None
     loss_end: float | None = None
     val_loss_before: float | None = None
+    steps_skipped: int = 0  # of steps_done: non-finite, not applied or rolled back
 
     @property
     def global_step_end(self) -> int:
@@ -88,7 +89,9 @@ class FilePlan:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FilePlan:
         names = {f.name for f in fields(cls)}
-        if set(data) != names:
+        # added later: a stream state written before has none (and skipped nothing)
+        optional = {"steps_skipped"}
+        if not names - optional <= set(data) <= names:
             raise StateError(
                 f"stream state: current file has keys {sorted(data)}, expected {sorted(names)}"
             )
