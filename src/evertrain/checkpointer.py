@@ -39,15 +39,16 @@ from evertrain.config_json import config_to_json, refused_changes
 from evertrain.distributed import Group, NullMetricsLog, current_group
 from evertrain.metrics import MetricsLog
 from evertrain.owners import (
-    ModuleState,
     ObjectState,
     check_loader_rng,
     is_stateful,
-    optimizer_state,
+    model_owner,
+    optimizer_owner,
 )
 from evertrain.progress import Progress
 from evertrain.rng import RNGState
 from evertrain.runlock import LOCK_NAME, RunLock
+from evertrain.sharded import merge_sharded
 from evertrain.signals import on_stop_signals
 from evertrain.state import StateError
 from evertrain.versions import versions
@@ -155,9 +156,9 @@ class Checkpointer:
         if model is not None:
             if not isinstance(model, torch.nn.Module):
                 raise TypeError(f"model: a {type(model).__name__} is not a torch.nn.Module")
-            self.owners["model"] = ModuleState(model)
+            self.owners["model"] = model_owner(model)
         if optimizer is not None:
-            self.owners["optimizer"] = optimizer_state(optimizer, model)
+            self.owners["optimizer"] = optimizer_owner(optimizer, model)
         if scheduler is not None:
             self.owners["scheduler"] = ObjectState(scheduler, "scheduler")
         if data is not None:
@@ -187,7 +188,9 @@ class Checkpointer:
         self.allow_config_change = allow_config_change
         self.group = current_group() if group is None else group
         self.async_save = async_save
-        self.per_rank = tuple(n for n in per_rank if n in self.owners)
+        self.per_rank = tuple(n for n in per_rank if n in self.owners) + tuple(
+            n for n, o in self.owners.items() if getattr(o, "sharded", False)
+        )
         self.rank_state = rank_state
         self.summary_fields = summary or dict
         self.save_policy = SavePolicy(every_steps, every_seconds)
@@ -306,12 +309,16 @@ class Checkpointer:
         self._check_config(states.get("config", {}).get("config"), info.path)
         self._check_world_size(states, info.path)
         self._warn_versions(states.get("versions", {}))
+        merge_sharded(states)  # FSDP2 slices of every rank -> whole tensors (any world size)
+        sharded = {n for n, o in self.owners.items() if getattr(o, "sharded", False)}
         for name in self.per_rank:
             key = rank_owner(name, self.group.rank)
-            if key not in states and self.rank_state is not None:
+            if name not in sharded and key not in states and self.rank_state is not None:
                 states[key] = self.rank_state(name, states)
         keys = {
-            name: rank_owner(name, self.group.rank) if name in self.per_rank else name
+            name: rank_owner(name, self.group.rank)
+            if name in self.per_rank and name not in sharded
+            else name
             for name in self.owners
         }
         for name, key in keys.items():

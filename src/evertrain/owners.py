@@ -157,6 +157,43 @@ def optimizer_state(
         ) from None
 
 
+def model_owner(model: torch.nn.Module) -> Any:
+    """The owner of ``model``'s weights: :class:`ModuleState`, wrapped in a
+    :class:`~evertrain.sharded.ShardedOwner` when the model is sharded (``fully_shard``),
+    so each rank saves only its slices."""
+    from evertrain.sharded import ShardedOwner, is_sharded_model
+
+    if is_sharded_model(model):
+        return ShardedOwner(ModuleState(model), *_rank_and_size())
+    return ModuleState(model)
+
+
+def optimizer_owner(
+    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module | None,
+    params: dict[str, torch.nn.Parameter] | None = None,
+) -> Any:
+    """The owner of ``optimizer``'s state: :func:`optimizer_state`, or for a sharded
+    model torch's ``get/set_optimizer_state_dict`` per rank (:mod:`evertrain.sharded`).
+
+    Raises:
+        TypeError: as :func:`optimizer_state`.
+    """
+    from evertrain.sharded import DCPOptimizerState, ShardedOwner, is_sharded_model
+
+    if model is not None and is_sharded_model(model):
+        return ShardedOwner(DCPOptimizerState(model, optimizer), *_rank_and_size())
+    return optimizer_state(optimizer, model, params)
+
+
+def _rank_and_size() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class ObjectState:
     """Owner wrapping any object with ``state_dict()``/``load_state_dict()``.
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from evertrain import distributed
+from evertrain import owners as owners_lib
 from evertrain.checkpoint import CheckpointInfo, retention_from_config
 from evertrain.checkpointer import Checkpointer, ResumeError
 from evertrain.config import CheckpointConfig, ConfigError
@@ -35,7 +36,7 @@ from evertrain.data.loader import dataset_fingerprint
 from evertrain.faults import maybe_crash
 from evertrain.guard import DivergenceGuard
 from evertrain.metrics import MetricsLog
-from evertrain.owners import ModuleState, ObjectState, optimizer_state
+from evertrain.owners import ObjectState
 from evertrain.progress import Progress
 from evertrain.step import backward_step, heldout_loss
 from evertrain.train_settings import (
@@ -135,11 +136,11 @@ class Trainer:
         self.train_ds, self.val_ds = train_data, eval_data
         self.run_dir = Path(run_dir)
         state_owners: dict[str, Any] = {}
-        name, owner = model_owner or ("model", ModuleState(model))
+        name, owner = model_owner or ("model", owners_lib.model_owner(model))
         self.model_owner = name
         state_owners[name] = owner
         params = named_params
-        state_owners["optimizer"] = optimizer_state(optimizer, model, params)
+        state_owners["optimizer"] = owners_lib.optimizer_owner(optimizer, model, params)
         if scheduler is not None:
             stateful_version = hasattr(scheduler, "VERSION")  # an evertrain owner as is
             state_owners["scheduler"] = (

@@ -1,0 +1,146 @@
+"""FSDP2 (``fully_shard``) under torchrun on CPU (gloo) through the library: each rank saves
+its own shards (safetensors + JSON layout, no pickle); a run killed with SIGKILL resumes
+bit-exactly on the same world size; on another world size (2 -> 1, 2 -> 3, 1 -> 2) model
+and optimizer are resharded exactly (the gathered moments equal the saved ones) and the
+losses follow the uninterrupted run's within float reduction-order noise; DDP and FSDP2
+resume each other's checkpoints. The loop is ``examples/own_loop/fsdp.py``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import cli_env
+from evertrain.checkpoint import read_checkpoint, verify_checkpoint
+from evertrain.sharded import merge_sharded
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "own_loop" / "fsdp.py"
+STEPS, SAVE_EVERY = 6, 3
+# the loss of a step on another world size: the same rows, summed in another order
+LOSS_RTOL = 1e-5
+
+
+def launch(
+    nproc: int, run: Path, *more: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += ["--nproc-per-node", str(nproc), "--max-restarts", "0", str(EXAMPLE)]
+    cmd += ["--run-dir", str(run), "--save-every", str(SAVE_EVERY), *more]
+    proc = subprocess.run(
+        cmd, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def record(out: Path) -> dict[str, Any]:
+    rec: dict[str, Any] = json.loads(out.read_text())
+    rec["weights"] = load_file(f"{out}.weights.safetensors")
+    moments = Path(f"{out}.moments.safetensors")
+    rec["moments"] = load_file(moments) if moments.exists() else None
+    return rec
+
+
+def saved_moments(checkpoint: Path) -> dict[str, torch.Tensor]:
+    states = read_checkpoint(checkpoint).states
+    merge_sharded(states)
+    return {
+        f"{name}/{key}": v
+        for name, s in states["optimizer"]["state"].items()
+        for key, v in s.items()
+        if isinstance(v, torch.Tensor)
+    }
+
+
+def assert_equal_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert set(a) == set(b) and a
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
+    """The run that never stopped, on 1 and on 2 processes."""
+    tmp = tmp_path_factory.mktemp("fsdp-ref")
+    out = {}
+    for n in (1, 2):
+        launch(n, tmp / f"run{n}", "--steps", str(STEPS), "--out", str(tmp / f"ref{n}.json"))
+        out[n] = record(tmp / f"ref{n}.json")
+        out[n]["run"] = tmp / f"run{n}"
+    return out
+
+
+def test_sharded_checkpoint_is_per_rank_safetensors_and_json(
+    uninterrupted: dict[int, dict[str, Any]],
+) -> None:
+    ckpt = uninterrupted[2]["run"] / "checkpoints" / f"step-{SAVE_EVERY:08d}"
+    assert verify_checkpoint(ckpt) == []
+    names = {p.name for p in ckpt.iterdir()}
+    for owner in ("model", "optimizer"):
+        assert {f"{owner}.safetensors", f"{owner}_rank1.safetensors"} <= names
+    assert {p.suffix for p in ckpt.iterdir()} == {".json", ".safetensors"}
+    part = json.loads((ckpt / "model_rank1.json").read_text())
+    assert part["shards"]["world_size"] == 2 and part["shards"]["rank"] == 1
+    # inp.weight is [37, 24]: rank 1 holds rows 19..36 (torch.chunk's split)
+    assert part["shards"]["layout"]["weights/inp.weight"] == {"shape": [37, 24], "offset": [19, 0]}
+    states = read_checkpoint(ckpt).states
+    assert list(states["model_rank1"]["weights"]["inp.weight"].shape) == [18, 24]
+
+
+def test_kill_9_then_resume_on_the_same_world_size_is_bit_exact(
+    tmp_path: Path, uninterrupted: dict[int, dict[str, Any]]
+) -> None:
+    ref = uninterrupted[2]
+    run, out = tmp_path / "run", tmp_path / "b.json"
+    proc = launch(2, run, "--steps", str(STEPS), "--kill-at", "5", check=False)
+    assert proc.returncode != 0  # every rank SIGKILLed after step 5, before its save
+    launch(2, run, "--steps", str(STEPS), "--out", str(out))
+    got = record(out)
+    assert got["resumed_at"] == SAVE_EVERY
+    assert_equal_tensors(got["weights"], ref["weights"])
+    assert {k: got["losses"][k] for k in got["losses"]} == {
+        k: ref["losses"][k] for k in got["losses"]
+    }
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (2, 3), (1, 2)])
+def test_resume_on_another_world_size_reshards_exactly(
+    tmp_path: Path, uninterrupted: dict[int, dict[str, Any]], before: int, after: int
+) -> None:
+    ref = uninterrupted[before]
+    run, out = tmp_path / "run", tmp_path / "b.json"
+    shutil.copytree(ref["run"], run)
+    shutil.rmtree(run / "checkpoints" / f"step-{STEPS:08d}")  # back to step 3
+    launch(after, run, "--steps", str(STEPS), "--out", str(out))
+    got = record(out)
+    assert got["resumed_at"] == SAVE_EVERY
+    # the optimizer moments after the reshard, gathered, are the saved ones, bit for bit
+    saved = saved_moments(ref["run"] / "checkpoints" / f"step-{SAVE_EVERY:08d}")
+    assert_equal_tensors(got["moments"], saved)
+    # the same global rows at each step; the loss curve within reduction-order noise
+    for step in range(SAVE_EVERY + 1, STEPS + 1):
+        assert got["rows"][str(step)] == ref["rows"][str(step)]
+        assert got["losses"][str(step)] == pytest.approx(ref["losses"][str(step)], rel=LOSS_RTOL)
+    for k, w in got["weights"].items():
+        torch.testing.assert_close(w, ref["weights"][k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("first", "then"), [("ddp", "fsdp"), ("fsdp", "ddp")])
+def test_ddp_and_fsdp_resume_each_others_checkpoints(tmp_path: Path, first: str, then: str) -> None:
+    run = tmp_path / "run"
+    launch(2, run, "--mode", first, "--steps", str(SAVE_EVERY))
+    out = tmp_path / "b.json"
+    launch(2, run, "--mode", then, "--steps", str(STEPS), "--out", str(out))
+    got = record(out)
+    assert got["resumed_at"] == SAVE_EVERY
+    assert_equal_tensors(got["moments"], saved_moments(run / "checkpoints" / "step-00000003"))
