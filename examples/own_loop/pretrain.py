@@ -31,27 +31,13 @@ class Block(nn.Module):
     def __init__(self, d: int, heads: int, dropout: float) -> None:
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj, self.heads, self.p = (
-            nn.Linear(d, 3 * d),
-            nn.Linear(d, d),
-            heads,
-            dropout,
-        )
-        self.mlp = nn.Sequential(
-            nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout)
-        )
+        self.qkv, self.proj, self.heads, self.p = nn.Linear(d, 3 * d), nn.Linear(d, d), heads, dropout
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        q, k, v = (
-            self.qkv(self.ln1(x))
-            .view(b, t, 3, self.heads, d // self.heads)
-            .transpose(1, 3)
-            .unbind(2)
-        )
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.p if self.training else 0.0
-        )
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).transpose(1, 3).unbind(2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.p if self.training else 0.0)
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
         return x + self.mlp(self.ln2(x))
 
@@ -59,10 +45,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, c) -> None:
         super().__init__()
-        self.tok, self.pos = (
-            nn.Embedding(c.vocab_size, c.d_model),
-            nn.Embedding(c.block_size, c.d_model),
-        )
+        self.tok, self.pos = nn.Embedding(c.vocab_size, c.d_model), nn.Embedding(c.block_size, c.d_model)
         self.blocks = nn.ModuleList(Block(c.d_model, c.n_head, c.dropout) for _ in range(c.n_layer))
         self.ln, self.drop = nn.LayerNorm(c.d_model), nn.Dropout(c.dropout)
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
@@ -99,27 +82,14 @@ evertrain.seed_everything(cfg.seed + 1 + rank)  # each rank its own dropout mask
 ddp = DistributedDataParallel(model)
 opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=0.1)
 t = cfg.train
-warm_cos = lambda s: min(
-    (s + 1) / t.warmup,
-    t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * s / t.steps)),
-)  # noqa: E731
+warm_cos = lambda s: min((s + 1) / t.warmup, t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * s / t.steps)))  # noqa: E731
 sched = torch.optim.lr_scheduler.LambdaLR(opt, warm_cos)
 dataset = token_blocks(cfg.data.bytes, cfg.data.block_size)
 sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=cfg.seed)
-loader = StatefulDataLoader(
-    dataset, batch_size=t.micro_batch, sampler=sampler, generator=torch.Generator()
-)
+loader = StatefulDataLoader(dataset, batch_size=t.micro_batch, sampler=sampler, generator=torch.Generator())
 tracker = EpochTracker()
-ckpt = evertrain.Checkpointer(
-    args.run_dir,
-    model=ddp,
-    optimizer=opt,
-    scheduler=sched,
-    data=loader,
-    extra={"tracker": tracker},
-    config=cfg,
-    **cfg.checkpoint,
-)
+ckpt = evertrain.Checkpointer(args.run_dir, model=ddp, optimizer=opt, scheduler=sched, data=loader,
+                              extra={"tracker": tracker}, config=cfg, **cfg.checkpoint)
 step = ckpt.resume()
 batches = endless(loader, tracker, sampler)
 with ckpt, ckpt.stop_on_signals():
@@ -138,15 +108,9 @@ with ckpt, ckpt.stop_on_signals():
         dist.all_reduce(loss_sum)  # the mean over ranks: logged, and tracked alike on every rank
         tracker.add(loss_sum.item() / world)
         step += 1
-        ckpt.step(
-            step,
-            {"loss": loss_sum.item() / world, "lr": sched.get_last_lr()[0]},
-            save=step == t.steps,
-        )
+        ckpt.step(step, {"loss": loss_sum.item() / world, "lr": sched.get_last_lr()[0]}, save=step == t.steps)
 if rank == 0:
-    print(
-        f"global_step {step} on {world} ranks, epochs done {tracker.epoch}, epoch losses {tracker.epoch_losses}"
-    )
+    print(f"global_step {step} on {world} ranks, epochs done {tracker.epoch}, epoch losses {tracker.epoch_losses}")
 # Tear the group down only when every rank is past its last collective, and after the
 # DDP reducer (which holds the group) is gone: gloo work objects still alive at interpreter
 # exit can abort the process with SIGABRT ("terminate called without an active exception").

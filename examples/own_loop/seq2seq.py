@@ -27,42 +27,19 @@ torch.set_num_threads(1)
 evertrain.seed_everything(cfg["seed"])  # Python, NumPy and torch
 train, val = evertrain.split_by_hash(pc_examples(), "prompt", val_fraction=0.2, seed=cfg["seed"])
 model = T5ForConditionalGeneration(
-    T5Config(
-        vocab_size=384,
-        d_model=32,
-        d_ff=64,
-        d_kv=8,
-        num_layers=2,
-        num_heads=4,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-        dropout_rate=0.1,
-    )
+    T5Config(vocab_size=384, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+             decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.1)
 )
 opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
 sched = get_linear_schedule_with_warmup(opt, cfg["warmup"], cfg["steps"])
 # own generators for the shuffle and the loader: neither may draw from the global RNG
 sampler = RandomSampler(train, generator=torch.Generator().manual_seed(cfg["seed"]))
-loader = StatefulDataLoader(
-    train,
-    batch_size=cfg["micro_batch"],
-    sampler=sampler,
-    collate_fn=seq2seq_collate,
-    generator=torch.Generator(),
-)
+loader = StatefulDataLoader(train, batch_size=cfg["micro_batch"], sampler=sampler,
+                            collate_fn=seq2seq_collate, generator=torch.Generator())
 tracker = EpochTracker()
-ckpt = evertrain.Checkpointer(
-    args.run_dir,
-    model=model,
-    optimizer=opt,
-    scheduler=sched,
-    data=loader,
-    extra={"tracker": tracker},
-    config=cfg,
-    every_steps=5,
-    keep_last=2,
-)
+ckpt = evertrain.Checkpointer(args.run_dir, model=model, optimizer=opt, scheduler=sched,
+                              data=loader, extra={"tracker": tracker}, config=cfg,
+                              every_steps=5, keep_last=2)
 step = ckpt.resume()
 forward = torch.compile(model) if args.compile else model
 batches = endless(loader, tracker)
@@ -80,8 +57,7 @@ with ckpt, ckpt.stop_on_signals():
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        ckpt.step(step, {"loss": loss_sum, "lr": sched.get_last_lr()[0]}, save=step == cfg["steps"])
-print(
-    f"global_step {step}, epochs done {tracker.epoch}, epoch losses {tracker.epoch_losses}, "
-    f"best {tracker.best_loss}"
-)
+        ckpt.step(step, {"loss": loss_sum, "lr": sched.get_last_lr()[0]},
+                  save=step == cfg["steps"])
+print(f"global_step {step}, epochs done {tracker.epoch}, epoch losses {tracker.epoch_losses}, "
+      f"best {tracker.best_loss}")
