@@ -144,3 +144,91 @@ def test_ddp_and_fsdp_resume_each_others_checkpoints(tmp_path: Path, first: str,
     got = record(out)
     assert got["resumed_at"] == SAVE_EVERY
     assert_equal_tensors(got["moments"], saved_moments(run / "checkpoints" / "step-00000003"))
+
+
+# ---------------------------------------------------------------- the CLI: train.parallel
+
+
+def fsdp_config(tmp: Path) -> Path:
+    import yaml
+
+    from test_distributed import dist_config
+
+    path = dist_config(tmp)
+    raw = yaml.safe_load(path.read_text())
+    raw["train"]["parallel"] = "fsdp"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli_straight(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(config, run dir) of an uninterrupted 2-process FSDP2 `evertrain train`."""
+    from test_distributed import train
+
+    tmp = tmp_path_factory.mktemp("fsdp-cli")
+    config = fsdp_config(tmp)
+    train(2, config, tmp / "run")
+    return config, tmp / "run"
+
+
+def test_cli_fsdp_saves_shards_and_partitions_the_global_batch(
+    cli_straight: tuple[Path, Path],
+) -> None:
+    from test_distributed import N, example_ids, step_sizes
+
+    _, run = cli_straight
+    ckpt = run / "checkpoints" / f"step-{N:08d}"
+    assert verify_checkpoint(ckpt) == []
+    summary = read_checkpoint(ckpt).summary
+    assert set(summary["ranks"]["per_rank_owners"]) == {"rng", "model", "optimizer"}
+    part = json.loads((ckpt / "model_rank1.json").read_text())
+    assert part["shards"]["world_size"] == 2 and part["shards"]["layout"]
+    ids = example_ids(run)
+    rows = read_checkpoint(ckpt).states["data_cursor"]["num_examples"]
+    assert [len(ids[s]) for s in sorted(ids)] == step_sizes(rows, 8, N)
+
+
+def test_cli_fsdp_killed_anywhere_resumes_bit_identical(
+    cli_straight: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Killed while checkpoint 6 is half written, then SIGKILLed from outside after step 7
+    or later: the resumed FSDP2 run is bit-identical to the uninterrupted one."""
+    from conftest import assert_identical, train_losses
+    from test_distributed import (
+        example_ids,
+        final_states,
+        signal_group_after_step,
+        torchrun_cmd,
+        train,
+    )
+
+    config, ref = cli_straight
+    run = tmp_path / "run"
+    proc = train(2, config, run, check=False, EVERTRAIN_FAULT="save@6")
+    assert proc.returncode != 0 and not (run / "checkpoints" / "step-00000006").exists()
+    cmd = torchrun_cmd(2, ["train", str(config), "--run-dir", str(run)])
+    signal_group_after_step(cmd, run, 8, "kill")
+    train(2, config, run)
+    assert train_losses(run) == train_losses(ref)
+    assert example_ids(run) == example_ids(ref)
+    assert_identical(final_states(ref), final_states(run))
+
+
+def test_cli_fsdp_to_one_process_to_ddp_keeps_the_global_sequence(
+    cli_straight: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """FSDP2 on 2 processes -> 1 process (unsharded, accumulation 2 -> 4) -> DDP on 2: the
+    global example ids of every step are the uninterrupted run's; losses agree closely."""
+    from conftest import train_losses
+    from test_distributed import example_ids, train
+
+    config, ref = cli_straight
+    run = tmp_path / "run"
+    train(2, config, run, "--max-steps", "4")
+    one = train(1, config, run, "--max-steps", "8")
+    assert "grad_accum_steps 2 -> 4" in one.stderr
+    train(2, config, run, "--set", "train.parallel=ddp")
+    assert example_ids(run) == example_ids(ref)
+    mine, theirs = train_losses(run), train_losses(ref)
+    assert all(abs(mine[s] - theirs[s]) < 1e-2 for s in theirs), (mine, theirs)

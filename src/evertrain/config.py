@@ -172,6 +172,9 @@ class TrainConfig(_Section):
     # the step's batches (no update; counted in the metrics and the ledger), or rollback
     # (also reload model and optimizer from the newest checkpoint; evertrain.guard)
     on_nonfinite: Literal["stop", "skip", "rollback"] = "stop"
+    # how several torchrun processes share the model: ddp (each holds all of it) or fsdp
+    # (FSDP2 fully_shard: each holds a slice of weights, gradients and optimizer state)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -180,6 +183,8 @@ class TrainConfig(_Section):
         out = handler(self)
         if isinstance(out, dict) and out.get("on_nonfinite") == "stop":
             del out["on_nonfinite"]
+        if isinstance(out, dict) and out.get("parallel") == "ddp":
+            del out["parallel"]
         return out  # type: ignore[no-any-return]
 
     @model_validator(mode="after")

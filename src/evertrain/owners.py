@@ -182,8 +182,20 @@ def optimizer_owner(
     from evertrain.sharded import DCPOptimizerState, ShardedOwner, is_sharded_model
 
     if model is not None and is_sharded_model(model):
+        # torch's helpers: they create the moments of a fresh optimizer as DTensors before a
+        # load (which the load needs for their placements), and name them by FQN
         return ShardedOwner(DCPOptimizerState(model, optimizer), *_rank_and_size())
     return optimizer_state(optimizer, model, params)
+
+
+def sharded_if_needed(owner: Any, model: torch.nn.Module) -> Any:
+    """``owner`` (of ``model``'s weights) wrapped in a :class:`~evertrain.sharded.ShardedOwner`
+    when ``model`` is sharded and ``owner`` is not already."""
+    from evertrain.sharded import ShardedOwner, is_sharded_model
+
+    if getattr(owner, "sharded", False) or not is_sharded_model(model):
+        return owner
+    return ShardedOwner(owner, *_rank_and_size())
 
 
 def _rank_and_size() -> tuple[int, int]:

@@ -20,6 +20,7 @@ from evertrain.batching import grad_accum_for_resume
 from evertrain.checkpoint.ranks import choose_checkpoint, rng_state_for_rank
 from evertrain.config import RunConfig, breaking_changes
 from evertrain.data import DataCursor, build_datasets
+from evertrain.fsdp import shard_model
 from evertrain.model_state import AdapterConfigState, ModelState
 from evertrain.models import load_model, trainable_parameters
 from evertrain.optim import build_optimizer
@@ -102,8 +103,13 @@ def build_trainer(
         loaded = load_model(cfg.model, cfg.lora)
         model = loaded.model.to(group.device)
         distributed.seed_rank(cfg.seed, group)  # ranks > 0: their own dropout masks
-        # DDP with several ranks; checkpoints name the original module's parameters
-        ddp = distributed.wrap_model(model, group)
+        if t.parallel == "fsdp" and group.distributed:
+            # FSDP2 in place; the Trainer's owners then save each rank's slices
+            on_cuda = next(model.parameters()).is_cuda
+            shard_model(model, group.world_size, bf16=t.precision == "bf16" and on_cuda)
+            ddp = model
+        else:  # DDP with several ranks; checkpoints name the original module's parameters
+            ddp = distributed.wrap_model(model, group)
         forward = torch.compile(ddp) if cfg.model.compile else ddp
         root = Path(run_dir) / "checkpoints"
         chosen = None if fresh else choose_checkpoint(root, group, log.warning)

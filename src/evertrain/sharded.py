@@ -51,6 +51,19 @@ def is_sharded_model(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Free the whole parameters FSDP2 gathered for a forward pass without backward: the
+    root module keeps them after forward (it expects the backward), so after an evaluation
+    its ``parameters()`` would be plain whole tensors, which a save would then export
+    (safetensors' numpy view makes their storage non-resizable, and the next all-gather
+    into it fails with "Trying to resize storage that is not resizable")."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def _walk(tree: Any, fn: Callable[[str, Any], Any], path: str = "") -> Any:
     if isinstance(tree, Mapping):
         return {k: _walk(v, fn, f"{path}/{k}" if path else str(k)) for k, v in tree.items()}
@@ -92,7 +105,8 @@ def local_shards(state: Mapping[str, Any], world_size: int, rank: int) -> dict[s
                 f"{leaf.placements} implies ({shape}); only one box per rank is supported"
             )
         layout[path] = {"shape": list(leaf.shape), "offset": offset}
-        return local.cpu().contiguous()
+        # a copy: the writer's numpy view must never pin FSDP's own storage
+        return local.to("cpu", copy=True).contiguous()
 
     out = _walk(state, cut)
     out[SHARDS_KEY] = {"world_size": world_size, "rank": rank, "layout": layout}

@@ -22,6 +22,7 @@ import torch
 from evertrain import distributed
 from evertrain.data.loader import ROW_MASK
 from evertrain.faults import maybe_crash, poisoned
+from evertrain.sharded import is_sharded_model, reshard
 
 log = logging.getLogger("evertrain")
 
@@ -96,23 +97,36 @@ def loss_totals(
     autocast: Callable[[], contextlib.AbstractContextManager[Any]],
     rank: int = 0,
     world_size: int = 1,
+    lockstep: bool = False,
 ) -> tuple[float, int, int]:
     """``(summed token loss in nats, target tokens, rows)`` of ``dataset``'s rows in
     order, ``micro_batch_size`` at a time (at most ``max_batches`` batches; batch ``b``
     scored by rank ``b % world_size``): the one held-out loop of the trainer and of
-    ``evertrain eval``, so both report the same number. Leaves the module's mode alone."""
+    ``evertrain eval``, so both report the same number. Leaves the module's mode alone.
+
+    ``lockstep``: every rank runs the same number of forward passes (a rank without a batch
+    in the last round repeats batch 0 and discards it), for a sharded model whose every
+    forward is a collective (FSDP2 all-gathers the weights): otherwise a rank done early
+    waits in the final all-reduce while another waits in an all-gather, forever."""
     total, count, scored = 0.0, 0, 0
-    for b, start in enumerate(range(0, len(dataset), micro_batch_size)):
-        if max_batches is not None and b >= max_batches:
-            break
-        if b % world_size != rank:  # each rank evaluates its share
+    starts = list(range(0, len(dataset), micro_batch_size))
+    if max_batches is not None:
+        starts = starts[:max_batches]
+    rounds = -(-len(starts) // world_size)
+    for r in range(rounds if lockstep else len(starts)):
+        b = r * world_size + rank if lockstep else r
+        if not lockstep and b % world_size != rank:  # each rank evaluates its share
             continue
+        real = b < len(starts)
+        start = starts[b] if real else 0
         rows = [dataset[i] for i in range(start, min(start + micro_batch_size, len(dataset)))]
         batch = {k: torch.stack([r[k] for r in rows]).to(device) for k in rows[0]}
         with autocast():
-            total += float(loss_fn(forward, batch))
-        count += count_targets(batch)
-        scored += len(rows)
+            loss = float(loss_fn(forward, batch))
+        if real:
+            total += loss
+            count += count_targets(batch)
+            scored += len(rows)
     return total, count, scored
 
 
@@ -137,8 +151,10 @@ def heldout_loss(
         forward, dataset, loss_fn=loss_fn, count_targets=count_targets,
         micro_batch_size=settings.micro_batch_size, max_batches=settings.eval_max_batches,
         device=device, autocast=autocast, rank=group.rank, world_size=group.world_size,
+        lockstep=is_sharded_model(model),
     )  # fmt: skip
     model.train()
+    reshard(model)
     total, count = distributed.eval_totals(group, total, count)
     val_loss = total / max(count, 1)
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}

@@ -137,6 +137,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         state_owners: dict[str, Any] = {}
         name, owner = model_owner or ("model", owners_lib.model_owner(model))
+        owner = owners_lib.sharded_if_needed(owner, model)  # FSDP2: each rank its slices
         self.model_owner = name
         state_owners[name] = owner
         params = named_params
