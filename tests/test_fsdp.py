@@ -232,3 +232,49 @@ def test_cli_fsdp_to_one_process_to_ddp_keeps_the_global_sequence(
     assert example_ids(run) == example_ids(ref)
     mine, theirs = train_losses(run), train_losses(ref)
     assert all(abs(mine[s] - theirs[s]) < 1e-2 for s in theirs), (mine, theirs)
+
+
+def test_cli_export_of_a_sharded_checkpoint_reads_no_optimizer(
+    cli_straight: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`evertrain export` of an FSDP2 checkpoint writes the whole model as a Hugging Face
+    directory; the optimizer's files are not read (damaged here, the export still works)."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import evertrain
+    from test_distributed import N
+
+    _, ref = cli_straight
+    run = tmp_path / "run"
+    shutil.copytree(ref, run)
+    ckpt = run / "checkpoints" / f"step-{N:08d}"
+    (ckpt / "optimizer_rank1.safetensors").write_bytes(b"not a safetensors file")
+    evertrain("export", str(run), "--out", str(tmp_path / "out"))
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    states = read_checkpoint(ref / "checkpoints" / f"step-{N:08d}").states
+    merge_sharded(states)
+    weights = {k: v for k, v in states["model"].items() if isinstance(v, torch.Tensor)}
+    assert weights and all(torch.equal(exported[k], w) for k, w in weights.items())
+
+
+def test_cli_fsdp_lora_adapter_is_sharded_and_exports_whole(tmp_path: Path) -> None:
+    import yaml
+
+    from conftest import evertrain
+    from test_distributed import train
+
+    config = fsdp_config(tmp_path)
+    raw = yaml.safe_load(config.read_text())
+    raw["lora"] = {"r": 4, "alpha": 8.0}
+    config.write_text(yaml.safe_dump(raw))
+    run = tmp_path / "run"
+    train(2, config, run, "--max-steps", "4")
+    ckpt = run / "checkpoints" / "step-00000004"
+    assert (ckpt / "adapter_model_rank1.safetensors").exists()
+    evertrain("export", str(run), "--out", str(tmp_path / "out"))
+    adapter = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    states = read_checkpoint(ckpt).states
+    merge_sharded(states)
+    saved = {k: v for k, v in states["adapter_model"].items() if isinstance(v, torch.Tensor)}
+    assert saved and set(adapter) == set(saved)
+    assert all(torch.equal(adapter[k], saved[k]) for k in saved)

@@ -9,6 +9,7 @@ in. Nothing is written; the caller's RNG state is left as it was.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 from evertrain.checkpoint import CheckpointError, CorruptCheckpointError, read_checkpoint
 from evertrain.checkpoint.format import MANIFEST, STEP_DIR_RE, step_dir_name
 from evertrain.config import RunConfig, config_from_json
+from evertrain.sharded import merge_sharded
 
 
 @dataclass
@@ -88,7 +90,7 @@ def select_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
     return path
 
 
-def read_verified(path: Path) -> Any:
+def read_verified(path: Path, owners: Any = None) -> Any:
     """:func:`evertrain.checkpoint.read_checkpoint` with a message that says what to do.
 
     Raises:
@@ -102,12 +104,19 @@ def read_verified(path: Path) -> Any:
             f"--step with a checkpoint that verifies"
         )
     try:
-        return read_checkpoint(path)
+        return read_checkpoint(path, owners)
     except CorruptCheckpointError as e:
         raise CheckpointError(
             f"{e}. Refusing to use a damaged checkpoint; run `evertrain verify "
             f"{path.parent.parent}` and pass --step with a checkpoint that verifies"
         ) from None
+
+
+RANK_SUFFIX = re.compile(r"_rank[0-9]+$")
+# what a rebuilt model needs (and "stream": which files a watch run trained, for eval)
+_WEIGHT_OWNERS = frozenset(
+    {"model", "adapter_model", "adapter_config", "config", "versions", "stream"}
+)
 
 
 @contextlib.contextmanager
@@ -146,7 +155,10 @@ def restore_model(run_dir: str | Path, step: int | None = None) -> RestoredModel
     from evertrain.rng import seed_everything
 
     path = select_checkpoint(run_dir, step)
-    ck = read_verified(path)
+    # the weights and the config only: the optimizer (twice the weights) is not read; a
+    # sharded checkpoint's parts of every rank are merged into whole tensors
+    ck = read_verified(path, lambda o: RANK_SUFFIX.sub("", o) in _WEIGHT_OWNERS)
+    merge_sharded(ck.states)
     if "config" not in ck.states:
         raise CheckpointError(f"{path}: no config.json; not a checkpoint written by the trainer")
     cfg = config_from_json(ck.states["config"]["config"])

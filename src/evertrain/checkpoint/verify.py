@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +117,11 @@ def _rebuild(node: Any, tensors: dict[str, torch.Tensor], used: set[str]) -> Any
     return node
 
 
-def _scan(directory: Path) -> tuple[list[Problem], dict[str, Any], dict[str, dict[str, Any]]]:
-    """Verify ``directory`` and parse it from the same bytes: (problems, manifest, states)."""
+def _scan(
+    directory: Path, only: Callable[[str], bool] | None = None
+) -> tuple[list[Problem], dict[str, Any], dict[str, dict[str, Any]]]:
+    """Verify ``directory`` and parse it from the same bytes: (problems, manifest, states);
+    with ``only``, just the owners it accepts (the others are neither read nor checked)."""
     if not directory.is_dir():
         return [Problem(str(directory), "not a directory")], {}, {}
     try:
@@ -132,10 +136,13 @@ def _scan(directory: Path) -> tuple[list[Problem], dict[str, Any], dict[str, dic
     if bad is not None:
         return [Problem(MANIFEST, bad)], {}, {}
     files: dict[str, Any] = manifest["files"]
+    listed = files
+    if only is not None:
+        files = {n: e for n, e in files.items() if only(n.partition(".")[0])}
     problems = [
         Problem(n, "unlisted file, ignored (never opened)", fatal=False)
         for n in sorted(os.listdir(directory))
-        if n != MANIFEST and n not in files
+        if n != MANIFEST and n not in listed
     ]
     m = STEP_DIR_RE.match(directory.name)
     if m and int(m.group(1)) != manifest["global_step"]:
@@ -202,14 +209,20 @@ def verify_checkpoint(path: Path) -> list[Problem]:
     return _scan(Path(path))[0]
 
 
-def read_checkpoint(path: Path) -> LoadedCheckpoint:
+def read_checkpoint(path: Path, owners: Callable[[str], bool] | None = None) -> LoadedCheckpoint:
     """Verify and load one checkpoint directory (each file read once: hashed and parsed).
+
+    Args:
+        path: the ``step-N`` directory.
+        owners: read only the owners (file name before the extension, e.g. ``model``,
+            ``model_rank1``) this accepts: the manifest is checked whole, the other owners'
+            files are not read (an export need not load the optimizer). None: every owner.
 
     Raises:
         CorruptCheckpointError: any fatal problem (``.problems`` lists them all).
     """
     path = Path(path)
-    problems, manifest, states = _scan(path)
+    problems, manifest, states = _scan(path, owners)
     if any(p.fatal for p in problems):
         raise CorruptCheckpointError(path, problems)
     return LoadedCheckpoint(path=path, states=states, manifest=manifest)

@@ -44,12 +44,17 @@ def _peft_params(model: Any) -> dict[str, torch.nn.Parameter]:
     # save_embedding_layers=False: "auto" would add frozen base embeddings to the adapter
     # when they are LoRA targets, and those are not trained.
     exported = get_peft_model_state_dict(model, save_embedding_layers=False)
-    by_storage: dict[tuple[int, tuple[int, ...]], tuple[str, torch.nn.Parameter]] = {}
+    by_storage: dict[Any, tuple[str, torch.nn.Parameter]] = {}
+    sharded = _has_dtensors(model)
+    adapter = f".{getattr(model, 'active_adapter', 'default')}."
     for pname, p in model.named_parameters():
-        by_storage[(p.data_ptr(), tuple(p.shape))] = (pname, p)
+        # FSDP2's DTensors: an empty local shard has no address, so match by PEFT's
+        # naming (the adapter name dropped) instead of by storage
+        key = pname.replace(adapter, ".") if sharded else (p.data_ptr(), tuple(p.shape))
+        by_storage[key] = (pname, p)
     out: dict[str, torch.nn.Parameter] = {}
     for key, t in exported.items():
-        hit = by_storage.get((t.data_ptr(), tuple(t.shape)))
+        hit = by_storage.get(key if sharded else (t.data_ptr(), tuple(t.shape)))
         if hit is None:
             # PEFT returned a copy instead of a view of the parameter; loading into it
             # would silently not update the model.
@@ -68,6 +73,12 @@ def _peft_params(model: Any) -> dict[str, torch.nn.Parameter]:
             f"{sorted(covered - trainable)[:5]}; with LoRA only the adapter may be trained"
         )
     return out
+
+
+def _has_dtensors(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
