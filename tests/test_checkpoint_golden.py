@@ -10,7 +10,9 @@ import importlib.util
 import math
 import os
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 
 from evertrain.checkpoint import FORMAT_VERSION, read_checkpoint, verify_checkpoint
@@ -65,3 +67,58 @@ def test_writer_reproduces_golden_bytes(tmp_path: Path) -> None:
     assert sorted(os.listdir(fresh)) == sorted(os.listdir(CKPT))
     for name in os.listdir(CKPT):
         assert (fresh / name).read_bytes() == (CKPT / name).read_bytes(), name
+
+
+SHARDED = GOLDEN / "sharded" / "step-00000002"
+
+
+def _load(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, GOLDEN / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_golden_sharded_checkpoint_merges_into_whole_tensors() -> None:
+    """The sharded layout of docs/checkpoint-format.md: each rank's slices as per-rank
+    owners, the layout in their JSON; merging gives the whole tensors back, exactly."""
+    from evertrain.sharded import merge_sharded
+
+    assert verify_checkpoint(SHARDED) == []
+    states = read_checkpoint(SHARDED).states
+    assert sorted(states) == ["model", "model_rank1", "optimizer", "optimizer_rank1"]
+    assert states["model_rank1"]["shards"]["layout"]["weights/lin.weight"] == {
+        "shape": [5, 3],
+        "offset": [3, 0],
+    }
+    merge_sharded(states)
+    w, b = states["model"]["weights"]["lin.weight"], states["model"]["weights"]["lin.bias"]
+    assert "shards" not in states["model"]
+    assert torch.equal(w, torch.arange(15, dtype=torch.float32).reshape(5, 3) / 8)
+    assert b.dtype == torch.bfloat16 and b.tolist() == [1.0, -2.0, 3.0]
+    exp_avg = states["optimizer"]["state"]["lin.weight"]["exp_avg"]
+    assert exp_avg[:, 0].tolist() == [0.0, 0.0, 0.0, 1.0, 1.0]  # rows from rank 0, then 1
+    assert states["optimizer"]["state"]["lin.weight"]["step"].item() == 4.0
+
+
+def test_writer_reproduces_golden_sharded_bytes(tmp_path: Path) -> None:
+    fresh = _load("make_golden_sharded").write_golden(tmp_path)
+    assert sorted(os.listdir(fresh)) == sorted(os.listdir(SHARDED))
+    for name in os.listdir(SHARDED):
+        assert (fresh / name).read_bytes() == (SHARDED / name).read_bytes(), name
+
+
+def test_merge_refuses_a_missing_or_mismatched_part() -> None:
+    from evertrain.sharded import merge_sharded
+    from evertrain.state import StateError
+
+    states = read_checkpoint(SHARDED).states
+    del states["model_rank1"]
+    with pytest.raises(StateError, match="lacks the sharded parts"):
+        merge_sharded(states)
+    states = read_checkpoint(SHARDED).states
+    states["model_rank1"]["shards"]["layout"]["weights/lin.weight"]["offset"] = [2, 0]
+    states["model_rank1"]["weights"]["lin.weight"] = torch.zeros(1, 3)
+    with pytest.raises(StateError, match="slices hold"):
+        merge_sharded(states)

@@ -278,3 +278,66 @@ def test_cli_fsdp_lora_adapter_is_sharded_and_exports_whole(tmp_path: Path) -> N
     saved = {k: v for k, v in states["adapter_model"].items() if isinstance(v, torch.Tensor)}
     assert saved and set(adapter) == set(saved)
     assert all(torch.equal(adapter[k], saved[k]) for k in saved)
+
+
+# ---------------------------------------------------------------- two "nodes" on localhost
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_two_nodes_one_killed_then_one_node_resumes_the_sequence(
+    cli_straight: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Two torchrun agents on localhost (``--nnodes 2``, c10d rendezvous, one FSDP2 process
+    each) train one run; one "node" is SIGKILLed with its worker mid-run; the job comes
+    back on one node (``--nnodes 1``): it resumes from the last committed checkpoint and
+    the global sequence of examples is the uninterrupted run's."""
+    import os
+    import signal
+    import time
+
+    from conftest import train_losses
+    from test_distributed import env, example_ids, train_losses_so_far, worker_pids
+
+    config, ref = cli_straight
+    run = tmp_path / "run"
+    port = _free_port()
+
+    def agent(nnodes: int) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes)]
+        cmd += ["--nproc-per-node", "1", "--rdzv-backend", "c10d", "--max-restarts", "0"]
+        cmd += ["--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"job{nnodes}"]
+        cmd += ["-m", "evertrain", "train", str(config), "--run-dir", str(run)]
+        return subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    first, second = agent(2), agent(2)
+    try:
+        deadline = time.monotonic() + 240
+        while max(train_losses_so_far(run), default=0) < 5:
+            assert time.monotonic() < deadline and first.poll() is None, "no progress"
+            time.sleep(0.01)
+        for pid in [*worker_pids(second.pid), second.pid]:  # the whole "node"
+            os.kill(pid, signal.SIGKILL)
+        second.wait()
+        assert first.wait(timeout=240) != 0  # its peer is gone: the group is down
+    finally:
+        for p in (first, second):
+            if p.poll() is None:
+                for pid in [*worker_pids(p.pid), p.pid]:
+                    os.kill(pid, signal.SIGKILL)
+            p.wait()
+    done = max(int(d.name[5:]) for d in (run / "checkpoints").glob("step-*[0-9]"))
+    assert 4 <= done < 12
+    one = agent(1)
+    _, err = one.communicate(timeout=600)
+    assert one.returncode == 0, err[-4000:]
+    assert b"grad_accum_steps 2 -> 4" in err
+    assert example_ids(run) == example_ids(ref)
+    mine, theirs = train_losses(run), train_losses(ref)
+    assert all(abs(mine[s] - theirs[s]) < 1e-2 for s in theirs), (mine, theirs)
