@@ -67,6 +67,11 @@ def prepare_watch_config(cfg: RunConfig, origin: str = "config") -> RunConfig:
             f"{origin}: train.max_steps: watch mode trains an open-ended stream; remove it "
             "(each file is trained for watch.epochs_per_file epochs)"
         )
+    if cfg.train.parallel == "fsdp":
+        raise ConfigError(
+            f"{origin}: train.parallel: fsdp is not supported by watch yet (its per-file "
+            "evaluations are not in lockstep); use ddp, or `evertrain train` for FSDP2"
+        )
     if "epochs" in cfg.train.model_fields_set and cfg.train.epochs != 1:
         raise ConfigError(
             f"{origin}: train.epochs: not used in watch mode; set watch.epochs_per_file instead"
