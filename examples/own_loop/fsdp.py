@@ -66,26 +66,31 @@ def main() -> None:
     ap.add_argument("--save-every", type=int, default=3)
     ap.add_argument("--kill-at", type=int, default=0, help="SIGKILL every rank after this step")
     ap.add_argument("--out", help="write the run's record (losses, rows, final weights) here")
+    ap.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, one GPU a rank)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        dist.init_process_group("gloo")
-    rank = dist.get_rank() if world > 1 else 0
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if world > 1 or args.mode == "fsdp":  # FSDP2 needs a process group, of 1 rank too
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     torch.manual_seed(0)  # the same initial weights on every rank and world size
-    model: torch.nn.Module = Net()
+    model: torch.nn.Module = Net().to(device)
     if args.mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (world,))
+        mesh = init_device_mesh(device.type, (world,))
         for layer in (model.inp, model.hidden, model.out):
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
     elif args.mode == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
-    x, y = dataset()
+    x, y = (t.to(device) for t in dataset())
     # no dropout, so one RNG state serves every rank; rank_state lets a resume on another
     # world size give new ranks rank 0's (the data position is global_step itself)
     ckpt = evertrain.Checkpointer(
@@ -111,7 +116,7 @@ def main() -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
             total = loss_sum.detach().clone()
-            if world > 1:
+            if dist.is_initialized():
                 dist.all_reduce(total)
             step += 1
             record["losses"][step] = float(total) / GLOBAL_BATCH  # type: ignore[index]
@@ -128,7 +133,7 @@ def main() -> None:
         if moments:
             save_file(moments, f"{args.out}.moments.safetensors")
         Path(args.out).write_text(json.dumps(record))
-    if world > 1:
+    if dist.is_initialized():
         # every rank done with the group before any tears it down; the sharded model's
         # hooks and the checkpointer go first (else gloo may abort at exit)
         dist.barrier()
@@ -149,7 +154,7 @@ def _full_model(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    return {k: v.detach().clone().contiguous() for k, v in full.items()}
+    return {k: v.detach().cpu().clone().contiguous() for k, v in full.items()}
 
 
 def _full_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -160,7 +165,7 @@ def _full_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[
 
     osd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
     return {
-        f"{name}/{key}": v.detach().clone().contiguous()
+        f"{name}/{key}": v.detach().cpu().clone().contiguous()
         for name, s in osd["state"].items()
         for key, v in s.items()
         if isinstance(v, torch.Tensor)

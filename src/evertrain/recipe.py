@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,11 @@ def build_trainer(
     t = cfg.train
     seed_everything(cfg.seed)
     group = distributed.setup(t.device)
+    if group.device.type == "cuda":
+        # bit-exact resume needs deterministic kernels (cuBLAS's split-K, scatter-add...);
+        # the workspace setting must be in place before cuBLAS starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     # one writer per run directory: held while the checkpoint is chosen, and by the
     # Trainer's Checkpointer from its construction on (a shared reference)
     with RunLock(Path(run_dir) / LOCK_NAME) if group.rank == 0 else contextlib.nullcontext():
