@@ -33,9 +33,8 @@ from evertrain.checkpoint import (
     RetentionPolicy,
     SavePolicy,
 )
-from evertrain.checkpoint.ranks import choose_checkpoint, rank_owner, save_ranked, saved_world_size
-from evertrain.config import diff_configs
-from evertrain.config_json import config_to_json, refused_changes
+from evertrain.checkpoint.ranks import choose_checkpoint, rank_owner, save_ranked
+from evertrain.config_json import config_to_json
 from evertrain.distributed import Group, NullMetricsLog, current_group
 from evertrain.metrics import MetricsLog
 from evertrain.owners import (
@@ -46,9 +45,10 @@ from evertrain.owners import (
     optimizer_owner,
 )
 from evertrain.progress import Progress
+from evertrain.resume_checks import ResumeError, check_config, check_world_size, warn_versions
 from evertrain.rng import RNGState
 from evertrain.runlock import LOCK_NAME, RunLock
-from evertrain.sharded import merge_sharded
+from evertrain.sharded import lazy_sharded, merge_sharded
 from evertrain.signals import on_stop_signals
 from evertrain.state import StateError
 from evertrain.versions import versions
@@ -62,10 +62,6 @@ RANK_SUFFIX = re.compile(r"_rank[0-9]+$")
 RESERVED = frozenset(
     {"model", "optimizer", "scheduler", "data", "rng", "progress", "config", "versions"}
 )
-
-
-class ResumeError(RuntimeError):
-    """A run directory cannot be resumed as asked (the message says why and what to do)."""
 
 
 class Checkpointer:
@@ -305,11 +301,20 @@ class Checkpointer:
                 )
             self.start_fresh()
             return 0
-        states = self.manager.load(info).states
-        self._check_config(states.get("config", {}).get("config"), info.path)
-        self._check_world_size(states, info.path)
-        self._warn_versions(states.get("versions", {}))
-        merge_sharded(states)  # FSDP2 slices of every rank -> whole tensors (any world size)
+        # a sharded owner of this run reads only its own box of each tensor (LazyShards);
+        # anything else sharded (an FSDP2 checkpoint resumed unsharded) is merged whole
+        lazy = lazy_sharded(
+            info.path, [n for n, o in self.owners.items() if getattr(o, "sharded", False)]
+        )
+        states: dict[str, Any] = self.manager.load(
+            info, (lambda o: RANK_SUFFIX.sub("", o) not in lazy) if lazy else None
+        ).states
+        merge_sharded(states)
+        states.update(lazy)
+        check_config(self.config, states.get("config", {}).get("config"), info.path,
+                     self.allow_config_change)  # fmt: skip
+        check_world_size(states, info.path, self.group.world_size, self.rank_state is not None)
+        warn_versions(states.get("versions", {}))
         sharded = {n for n, o in self.owners.items() if getattr(o, "sharded", False)}
         for name in self.per_rank:
             key = rank_owner(name, self.group.rank)
@@ -337,44 +342,6 @@ class Checkpointer:
         self.save_policy.mark_saved(self.progress.global_step, time.monotonic())
         log.info("resumed from %s (global_step %d)", info.path, self.progress.global_step)
         return self.progress.global_step
-
-    def _check_config(self, stored: Any, path: Path) -> None:
-        if self.config is None or stored is None:
-            return
-        diffs = diff_configs(stored, self.config)
-        refused = refused_changes(diffs, self.allow_config_change)
-        for key, old, new in diffs:
-            log.warning("config changed since %s: %s: %r -> %r", path.name, key, old, new)
-        if refused:
-            shown = ", ".join(f"{k} ({old!r} -> {new!r})" for k, old, new in refused[:5])
-            raise ResumeError(
-                f"{path}: config differs from the checkpoint's: {shown}; restore those values, "
-                f"or pass allow_config_change=[...their keys] (True for any)"
-            )
-
-    def _check_world_size(self, states: Mapping[str, Any], path: Path) -> None:
-        saved = saved_world_size(states)
-        if saved != self.group.world_size and self.rank_state is None:
-            raise ResumeError(
-                f"{path}: written by {saved} process(es), this run has "
-                f"{self.group.world_size}; a user loop's data and RNG state are per rank and "
-                f"cannot be resharded: resume with torchrun --nproc-per-node {saved}"
-            )
-
-    @staticmethod
-    def _warn_versions(stored: Mapping[str, Any]) -> None:
-        now = versions()
-        differ = {
-            k: (stored.get(k), now.get(k))
-            for k in set(stored) | set(now)
-            if k not in ("evertrain", "transformers") and stored.get(k) != now.get(k)
-        }
-        if differ:
-            log.warning(
-                "library versions differ from the checkpoint's (%s): the resumed run may not "
-                "be bit-identical",
-                ", ".join(f"{k} {a} -> {b}" for k, (a, b) in sorted(differ.items())),
-            )
 
     # ------------------------------------------------------------------ the loop's side
 

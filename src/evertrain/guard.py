@@ -28,6 +28,7 @@ import logging
 from typing import Any
 
 from evertrain.errors import DivergedError
+from evertrain.sharded import merge_sharded
 
 log = logging.getLogger("evertrain")
 
@@ -100,6 +101,7 @@ class DivergenceGuard:
             )
         self._rollbacks[info.global_step] = done + 1
         states = ckpt.manager.load(info).states
+        merge_sharded(states)  # FSDP2: every rank's slices -> whole tensors
         for name in ROLLBACK_OWNERS:
             if name in ckpt.owners:
                 ckpt.owners[name].load_state_dict(states[name])

@@ -30,7 +30,9 @@ memory, and reads the checkpoint's files of every rank.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import json
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from evertrain.checkpoint.format import TENSOR_REF
 from evertrain.state import StateError, check_version
 
 SHARDS_KEY = "shards"
@@ -193,10 +196,31 @@ class ShardedOwner:
                 "sharded owner: got one rank's part; merge every rank's part with "
                 "evertrain.sharded.merge_shards first"
             )
+        lazy = state if isinstance(state, LazyShards) else None
+        tree = lazy.base() if lazy is not None else dict(state)
         live = {p: t for p, t in _leaves(self.inner.state_dict()).items() if isinstance(t, DTensor)}
 
         def place(path: str, leaf: Any) -> Any:
             target = live.get(path)
+            if isinstance(leaf, ShardRef):
+                assert lazy is not None
+                if target is None:  # not sharded here: the whole tensor
+                    return lazy.read_box(path, [0] * len(leaf.shape), leaf.shape)
+                if list(target.shape) != leaf.shape:
+                    raise StateError(
+                        f"{path}: checkpoint has shape {leaf.shape}, the model "
+                        f"{list(target.shape)}; resume with the model that wrote it"
+                    )
+                shape, offset = _offset(target)
+                local = lazy.read_box(path, offset, shape).to(target.to_local().device)
+                return DTensor.from_local(
+                    local,
+                    target.device_mesh,
+                    target.placements,
+                    run_check=False,
+                    shape=target.shape,
+                    stride=target.stride(),
+                )
             if target is None or not isinstance(leaf, torch.Tensor):
                 return leaf
             if tuple(leaf.shape) != tuple(target.shape):
@@ -211,7 +235,7 @@ class ShardedOwner:
                 src_data_rank=None,  # every rank has the whole tensor: no communication
             )
 
-        self.inner.load_state_dict(_walk(dict(state), place))
+        self.inner.load_state_dict(_walk(tree, place))
 
 
 class DCPOptimizerState:
@@ -289,3 +313,125 @@ def merge_sharded(states: dict[str, Any]) -> None:
         if missing:
             raise StateError(f"{name}: the checkpoint lacks the sharded parts {missing}")
         states[name] = merge_shards([states[rank_owner(name, r)] for r in range(world)], name)
+
+
+class ShardRef:
+    """A sharded tensor leaf of a :class:`LazyShards` tree, read only when placed."""
+
+    def __init__(self, path: str, shape: list[int]) -> None:
+        self.path, self.shape = path, shape
+
+
+class LazyShards:
+    """A sharded owner's parts of every rank in a checkpoint, read lazily: the JSON trees at
+    once (small), of the tensors only the box each rank needs (safetensors slices), so a
+    resharding resume reads about its own share of the bytes, not every rank's.
+
+    Integrity: the caller has verified the whole checkpoint (every file's size and XXH3-128
+    digest, :func:`~evertrain.checkpoint.ranks.choose_checkpoint`) just before; the slices
+    are read from those files unhashed.
+
+    Args:
+        directory: the ``step-N`` directory.
+        name: the owner (``model``, ``optimizer``...).
+        world_size: ranks that wrote it (``shards.world_size`` of rank 0's part).
+    """
+
+    def __init__(self, directory: Path, name: str, world_size: int) -> None:
+        from evertrain.checkpoint.ranks import rank_owner
+
+        self.name = name
+        self.parts: list[tuple[dict[str, Any], dict[str, Any], Path]] = []
+        for r in range(world_size):
+            owner = rank_owner(name, r)
+            tree = json.loads((directory / f"{owner}.json").read_text(encoding="utf-8"))
+            layout = tree.get(SHARDS_KEY, {}).get("layout")
+            if layout is None or tree[SHARDS_KEY].get("rank") != r:
+                raise StateError(f"{directory / owner}.json: not rank {r}'s sharded part")
+            self.parts.append((tree, layout, directory / f"{owner}.safetensors"))
+        self._open: dict[int, Any] = {}
+
+    def _file(self, rank: int) -> Any:
+        from safetensors import safe_open
+
+        if rank not in self._open:
+            self._open[rank] = safe_open(str(self.parts[rank][2]), framework="pt")
+        return self._open[rank]
+
+    def base(self) -> dict[str, Any]:
+        """Rank 0's tree: sharded leaves as :class:`ShardRef`, other tensors read whole."""
+        tree, layout, _ = self.parts[0]
+
+        def leaf(node: Any, path: str) -> Any:
+            if isinstance(node, dict) and set(node) == {TENSOR_REF}:
+                if path in layout:
+                    return ShardRef(path, list(layout[path]["shape"]))
+                return self._file(0).get_tensor(node[TENSOR_REF])
+            if isinstance(node, dict):
+                return {k: leaf(v, f"{path}/{k}" if path else k) for k, v in node.items()}
+            if isinstance(node, list):
+                return [leaf(v, f"{path}/{i}" if path else str(i)) for i, v in enumerate(node)]
+            return node
+
+        return dict(leaf({k: v for k, v in tree.items() if k != SHARDS_KEY}, ""))
+
+    def read_box(self, path: str, offset: list[int], shape: list[int]) -> torch.Tensor:
+        """The box ``[offset, offset + shape)`` of sharded tensor ``path``, from the slices
+        of the ranks that hold part of it.
+
+        Raises:
+            StateError: the slices leave part of the box uncovered.
+        """
+        out: torch.Tensor | None = None
+        covered = 0
+        for r, (_, layout, _) in enumerate(self.parts):
+            sl = self._file(r).get_slice(path)
+            extent = list(sl.get_shape())
+            lo = layout[path]["offset"]
+            src, dst = [], []
+            for o, n, p, e in zip(offset, shape, lo, extent, strict=True):
+                a, b = max(o, p), min(o + n, p + e)
+                if a >= b:
+                    break
+                src.append(slice(a - p, b - p))
+                dst.append(slice(a - o, b - o))
+            else:
+                piece = sl[tuple(src)] if src else sl[:]
+                if out is None:
+                    out = torch.empty(shape, dtype=piece.dtype)
+                out[tuple(dst)] = piece
+                covered += piece.numel()
+        if out is None:  # an empty box (a rank holding no rows of a small tensor)
+            out = torch.empty(
+                shape, dtype=self._file(0).get_slice(path)[tuple(slice(0, 0) for _ in shape)].dtype
+            )
+        if covered != out.numel():
+            raise StateError(f"{self.name}: {path}: the slices cover {covered} of {out.numel()}")
+        return out
+
+    def materialize(self) -> dict[str, Any]:
+        """The whole state (every sharded tensor assembled), as :func:`merge_shards`."""
+        return dict(
+            _walk(
+                self.base(),
+                lambda p, leaf: (
+                    self.read_box(p, [0] * len(leaf.shape), leaf.shape)
+                    if isinstance(leaf, ShardRef)
+                    else leaf
+                ),
+            )
+        )
+
+
+def lazy_sharded(directory: Path, names: Collection[str]) -> dict[str, LazyShards]:
+    """The owners among ``names`` that checkpoint ``directory`` holds sharded (their rank-0
+    JSON has :data:`SHARDS_KEY`), as :class:`LazyShards`."""
+    out = {}
+    for name in names:
+        path = directory / f"{name}.json"
+        if not path.is_file():
+            continue
+        head = json.loads(path.read_text(encoding="utf-8")).get(SHARDS_KEY)
+        if head is not None:
+            out[name] = LazyShards(directory, name, int(head["world_size"]))
+    return out

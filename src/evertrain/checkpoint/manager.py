@@ -150,15 +150,18 @@ class CheckpointManager:
             return next(i for i in self.committed() if i.path == path)
         return None
 
-    def load(self, info_or_path: CheckpointInfo | Path) -> LoadedCheckpoint:
-        """Verify and load a checkpoint (after waiting for an in-flight save).
+    def load(
+        self, info_or_path: CheckpointInfo | Path, owners: Callable[[str], bool] | None = None
+    ) -> LoadedCheckpoint:
+        """Verify and load a checkpoint (after waiting for an in-flight save); with
+        ``owners``, only the owners it accepts (see :func:`read_checkpoint`).
 
         Raises:
             CorruptCheckpointError: the checkpoint is damaged.
         """
         self.wait()
         path = info_or_path.path if isinstance(info_or_path, CheckpointInfo) else info_or_path
-        loaded = read_checkpoint(Path(path))
+        loaded = read_checkpoint(Path(path), owners)
         self._verified.add(loaded.path.name)
         return loaded
 
