@@ -109,6 +109,13 @@ def summary() -> None:
             ("xxh3-128 throughput / disk write", q["hash_vs_disk_write_throughput"], ""),
             ("xxh3-128 throughput / disk read (cold)", q["hash_vs_disk_read_throughput"], ""),
         ]
+    if "sharded" in r:
+        q = r["sharded"]["ratios"]
+        rows += [
+            ("sharded save (FSDP2, 2 ranks) speed-up vs DCP", q["save_speedup_vs_dcp"], ">= 1.2"),
+            ("sharded save throughput / raw write", q["save_throughput_vs_raw_write"], ">= 0.8"),
+            ("sharded load 2->3 ranks speed-up vs DCP", q["load_2to3_speedup_vs_dcp"], ""),
+        ]
     width = max(len(n) for n, _, _ in rows)
     print("\nTargets (pairwise medians):")
     for name, value, target in rows:
@@ -132,6 +139,7 @@ def main() -> None:
             "1" if a.quick else "9",
             *(["--steps", "100"] if a.quick else []),
         )
+        run("bench_sharded.py", "--repeats", "1" if a.quick else "3")
         print(f"\nall benchmarks: {time.perf_counter() - t0:.0f} s")
     summary()
 

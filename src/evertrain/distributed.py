@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import inspect
 import json
 import logging
@@ -335,6 +336,20 @@ def _attempt_store(env: dict[str, str], world: int) -> dist.Store | None:
     return dist.PrefixStore(f"evertrain/attempt-{attempt}/", store)
 
 
+def finish() -> None:
+    """End this process's part in the default process group on a normal exit (collective:
+    every rank calls it): the objects holding the group (DDP's reducer, FSDP2's hooks) are
+    collected, every rank passes a barrier, then the group is destroyed. Left to interpreter
+    exit, a rank could tear gloo down while a peer still used it, and abort ("terminate
+    called without an active exception", SIGABRT, a failed torchrun job after a good run).
+    No-op without a group."""
+    if not dist.is_initialized():
+        return
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _destroy() -> None:
     if dist.is_initialized():
         with contextlib.suppress(Exception):  # peers already gone: nothing left to tear down
@@ -445,6 +460,7 @@ def eval_totals(group: Group, total: float, count: int) -> tuple[float, int]:
 
 __all__ = [
     "DistributedError",
+    "finish",
     "ExampleIdLog",
     "Group",
     "NullMetricsLog",

@@ -62,19 +62,20 @@ def train(
                 typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
                 raise typer.Exit(EXIT_DIVERGED) from None
         trainer.close()
-    if trainer.rank != 0:
-        return
-    typer.echo(
-        json.dumps(
-            {
-                "outcome": outcome,
-                "global_step": trainer.progress.global_step,
-                "skipped_steps": trainer.progress.skipped_steps,
-                "run_dir": str(run_dir),
-                **trainer.last_eval,
-            }
-        )
-    )
+    result = {
+        "outcome": outcome,
+        "global_step": trainer.progress.global_step,
+        "skipped_steps": trainer.progress.skipped_steps,
+        "run_dir": str(run_dir),
+        **trainer.last_eval,
+    }
+    rank = trainer.rank
+    from evertrain import distributed
+
+    del trainer, shown  # the model wrappers hold the process group
+    distributed.finish()
+    if rank == 0:
+        typer.echo(json.dumps(result))
 
 
 def _stored_config(run_dir: Path, overrides: list[str]) -> RunConfig:

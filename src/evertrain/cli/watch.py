@@ -100,6 +100,10 @@ def watch(
     except (DaemonError, ReconcileError, LedgerError) as e:
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from None
+    from evertrain import distributed
+
+    del daemon  # its trainer's model wrappers hold the process group
+    distributed.finish()
     rows = ledger_rows(run_dir)
     if rows:
         console_for_tables().print(files_table(rows))
