@@ -64,3 +64,26 @@ def shard_model(model: torch.nn.Module, world_size: int, *, bf16: bool = False) 
         world_size,
     )
     return len(blocks) + 1
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Turn on transformers' activation (gradient) checkpointing of ``model``'s blocks,
+    non-reentrant: works with frozen inputs (LoRA) and with FSDP2, and restores the RNG
+    state for each recompute, so dropout draws the same masks and the result is unchanged.
+
+    Raises:
+        evertrain.config.ConfigError: the model does not support it (not a Hugging Face
+            model with ``gradient_checkpointing_enable``).
+    """
+    from evertrain.config import ConfigError
+
+    target = model
+    while not hasattr(target, "gradient_checkpointing_enable") and hasattr(target, "model"):
+        target = target.model  # type: ignore[assignment]
+    enable = getattr(target, "gradient_checkpointing_enable", None)
+    if enable is None or not getattr(target, "supports_gradient_checkpointing", True):
+        raise ConfigError(
+            f"train.gradient_checkpointing: a {type(model).__name__} does not support it; "
+            "set it to false"
+        )
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -21,7 +21,7 @@ from evertrain.batching import grad_accum_for_resume
 from evertrain.checkpoint.ranks import choose_checkpoint, rng_state_for_rank
 from evertrain.config import RunConfig, breaking_changes
 from evertrain.data import DataCursor, build_datasets
-from evertrain.fsdp import shard_model
+from evertrain.fsdp import enable_gradient_checkpointing, shard_model
 from evertrain.model_state import AdapterConfigState, ModelState
 from evertrain.models import load_model, trainable_parameters
 from evertrain.optim import build_optimizer
@@ -108,6 +108,8 @@ def build_trainer(
     with RunLock(Path(run_dir) / LOCK_NAME) if group.rank == 0 else contextlib.nullcontext():
         loaded = load_model(cfg.model, cfg.lora)
         model = loaded.model.to(group.device)
+        if t.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         distributed.seed_rank(cfg.seed, group)  # ranks > 0: their own dropout masks
         if t.parallel == "fsdp" and group.distributed:
             # FSDP2 in place; the Trainer's owners then save each rank's slices
