@@ -102,7 +102,24 @@ class LoraConfig(_Section):
     r: int = Field(8, gt=0)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | None = None  # None = per-architecture default
+    # module names, "all-linear" (PEFT: every linear layer but the output head), or None:
+    # the architecture's attention projections
+    target_modules: list[str] | Literal["all-linear"] | None = None
+    use_dora: bool = False  # DoRA: weight-decomposed LoRA (PEFT's use_dora)
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) (PEFT's use_rslora)
+    # modules trained in full next to the adapter and saved with it (e.g. [lm_head])
+    modules_to_save: list[str] | None = None
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # the options added later are stored only when set: a run stored before they
+        # existed resumes without a config difference
+        out = handler(self)
+        if isinstance(out, dict):
+            for key in ("use_dora", "use_rslora", "modules_to_save"):
+                if out.get(key) in (False, None):
+                    out.pop(key, None)
+        return out  # type: ignore[no-any-return]
 
 
 DEFAULT_MAX_RECORD_BYTES = 1_000_000

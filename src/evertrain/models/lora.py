@@ -87,11 +87,17 @@ def apply_lora(model: Any, lora: LoraConfig) -> Any:
 
     model_type = getattr(model.config, "model_type", None) or "unknown"
     is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    targets = (
-        list(lora.target_modules) if lora.target_modules else default_target_modules(model_type)
+    targets: list[str] | str = (
+        "all-linear"
+        if lora.target_modules == "all-linear"
+        else list(lora.target_modules)
+        if lora.target_modules
+        else default_target_modules(model_type)
     )
     names = [n for n, _ in model.named_modules()]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    wanted = [] if isinstance(targets, str) else targets
+    wanted += list(lora.modules_to_save or [])
+    missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         linear = sorted(
             {
@@ -100,8 +106,10 @@ def apply_lora(model: Any, lora: LoraConfig) -> Any:
                 if type(m).__name__ in ("Linear", "Conv1D")
             }
         )
+        extra = set(lora.modules_to_save or [])
+        key = "lora.modules_to_save" if set(missing) <= extra else "lora.target_modules"
         raise ModelSourceError(
-            f"lora.target_modules: {missing} match no module of this {model_type} model; "
+            f"{key}: {missing} match no module of this {model_type} model; "
             f"its linear layers are named {linear}"
         )
     peft_cfg = PeftLoraConfig(
@@ -109,6 +117,9 @@ def apply_lora(model: Any, lora: LoraConfig) -> Any:
         lora_alpha=cast(Any, lora.alpha),  # peft annotates int; scaling is alpha / r
         lora_dropout=lora.dropout,
         target_modules=targets,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        modules_to_save=list(lora.modules_to_save) if lora.modules_to_save else None,
         bias="none",
         task_type="SEQ_2_SEQ_LM" if is_encoder_decoder else "CAUSAL_LM",
     )
