@@ -22,7 +22,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import assert_identical, cli_env, small_data, train_losses, write_config
-from evertrain import distributed
 from evertrain.batching import grad_accum_for_resume
 from evertrain.checkpoint import (
     CheckpointInfo,
@@ -296,7 +295,9 @@ def _commit_worker(rank: int, root: str, results: str) -> None:
         "any": group.any(rank == 1),
         "json": group.broadcast_json({"file": 7} if rank == 0 else None),
         "bytes": [b.decode() for b in group.all_gather_bytes(b"r" * (rank + 1))],
-        "totals": distributed.step_totals(group, 1.0 + rank, 10 + rank, 2),
+        "totals": group.sum_tensor(
+            group.tensor([1.0 + rank, 10 + rank, 2], torch.float64)
+        ).tolist(),
     }
     for step in (1, 2, 3, 4):
         states: dict[str, Any] = {"rng": rng_like(rank + step / 10)}

@@ -125,6 +125,10 @@ class Group:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    def tensor(self, values: Sequence[float | int], dtype: torch.dtype) -> torch.Tensor:
+        """``values`` as a tensor on the device this group's collectives use."""
+        return self._t(values, dtype)
+
     def _t(self, values: Sequence[float | int], dtype: torch.dtype) -> torch.Tensor:
         dev = self.device if self.backend == "nccl" else torch.device("cpu")
         return torch.tensor(list(values), dtype=dtype, device=dev)
@@ -132,6 +136,13 @@ class Group:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over ranks, in place (no host copy: the caller reads it when it
+        must); ``t`` as is with one process. ``t`` lives on the backend's device."""
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
 
     def sum_floats(self, values: Sequence[float]) -> list[float]:
         """Element-wise sum over ranks in float64 (integers below 2**53 stay exact)."""
@@ -439,17 +450,6 @@ def debug_hooks(trainer: Any) -> list[Callable[[Any], None]]:
     return [ExampleIdLog(trainer)] if os.environ.get(EXAMPLE_IDS_ENV) else []
 
 
-def step_totals(
-    group: Group, loss_sum: float, tokens: int, examples: int
-) -> tuple[float, int, int]:
-    """The step's summed token loss (nats), tokens and examples, each summed over ranks.
-    A single process gets its own values back untouched."""
-    if not group.distributed:
-        return loss_sum, tokens, examples
-    loss, tok, ex = group.sum_floats([loss_sum, float(tokens), float(examples)])
-    return loss, int(tok), int(ex)
-
-
 def eval_totals(group: Group, total: float, count: int) -> tuple[float, int]:
     """Token-weighted loss sum and token count over all ranks' shares of an evaluation."""
     if not group.distributed:
@@ -472,7 +472,6 @@ __all__ = [
     "resolve_device",
     "seed_rank",
     "setup",
-    "step_totals",
     "wrap_model",
 ]
 

@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from evertrain import distributed
@@ -37,29 +38,37 @@ def backward_step(
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager[Any]],
     global_step: int,
-) -> tuple[float, int, int, float]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward every micro-batch of optimizer step ``global_step``,
-    accumulating gradients (DDP reduces them in the last backward only).
+    accumulating gradients (DDP reduces them in the last backward only). Reads nothing
+    back from the device: the step's counts come from the host batches, the loss stays a
+    device tensor (see :func:`step_results`, the step's one host sync).
 
     Args:
         micro_batches: this rank's micro-batches (CPU tensors ``[rows, seq_len]``); a
             ``row_mask`` entry (``bool [rows]``, False for padding) is removed and counted.
         forward, loss_fn, count_targets: the module to call, its summed token loss and the
             target tokens that sum is over (see :class:`~evertrain.trainer.Trainer`).
-        group: this process's group (the target count is summed over it).
+        group: this process's group (the counts are summed over it).
         device: where batches go.
         autocast: the precision context of a forward pass.
         global_step: the step being taken (1-based), for fault injection.
 
     Returns:
-        ``(summed token loss of this rank in nats, its non-padding tokens, its examples,
-        the step's target tokens over all ranks)``.
+        ``(loss, counts)``: this rank's summed token loss (nats, ``float64 []`` on
+        ``device``), and ``float64 [3]`` on the group's device: the step's target tokens,
+        non-padding tokens and examples, summed over ranks.
     """
     rows = [b.pop(ROW_MASK, None) for b in micro_batches]
-    targets = sum(count_targets(b) for b in micro_batches)
-    (global_targets,) = group.sum_floats([float(targets)])
-    scale = group.world_size / max(global_targets, 1.0)
-    loss_sum, tokens, examples = 0.0, 0, 0
+    targets, tokens, examples = 0, 0, 0
+    for real, b in zip(rows, micro_batches, strict=True):
+        targets += count_targets(b)
+        t, e = host_counts(b, real)
+        tokens, examples = tokens + t, examples + e
+    # summed over ranks before the first backward, on the device: no host round trip
+    counts = group.sum_tensor(group.tensor([targets, tokens, examples], torch.float64))
+    scale = group.world_size / counts[0].clamp(min=1.0)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     last = len(micro_batches) - 1
     for micro, cpu_batch in enumerate(micro_batches):
         batch = {k: v.to(device) for k, v in cpu_batch.items()}
@@ -68,20 +77,39 @@ def backward_step(
                 summed = loss_fn(forward, batch)
             if micro == 0 and poisoned(global_step):
                 summed = summed * math.nan
-            (summed * scale).backward()
-        loss_sum += summed.item()
-        real = rows[micro]
-        first = next(iter(cpu_batch.values()))
-        mask = cpu_batch.get("attention_mask")
-        if real is not None:
-            examples += int(real.sum())
-            tokens += int(mask[real].sum()) if mask is not None else first[real].numel()
-        else:
-            examples += first.shape[0]
-            tokens += int(mask.sum()) if mask is not None else first.numel()
+            # scale in the loss's dtype, as a Python float would have been
+            (summed * scale.to(device=summed.device, dtype=summed.dtype)).backward()
+        loss_sum = loss_sum + summed.detach().double()
         maybe_crash("micro", global_step, micro)
         group.maybe_crash("micro", global_step, micro)
-    return loss_sum, tokens, examples, global_targets
+    return loss_sum, counts
+
+
+def host_counts(batch: Mapping[str, torch.Tensor], real: torch.Tensor | None) -> tuple[int, int]:
+    """``(non-padding tokens, examples)`` of a host micro-batch (``real``: its row mask, or
+    None when every row is real). Read with numpy from host memory: no device sync."""
+    first = next(iter(batch.values()))
+    mask = batch.get("attention_mask")
+    keep = np.ones(first.shape[0], dtype=bool) if real is None else real.numpy()
+    if mask is not None:
+        tokens = int(np.count_nonzero(mask.numpy()[keep]))
+    else:
+        tokens = int(keep.sum()) * (first.numel() // max(first.shape[0], 1))
+    return tokens, int(keep.sum())
+
+
+def step_results(
+    group: distributed.Group, loss_sum: torch.Tensor, counts: torch.Tensor, norm: torch.Tensor
+) -> tuple[float, float, int, int]:
+    """The step's one host sync: ``(loss per target token in nats, gradient norm, tokens,
+    examples)``, the loss summed over ranks first. Every rank gets the same values, so all
+    decide alike whether to apply the step."""
+    loss_sum = group.sum_tensor(loss_sum.to(counts.device))
+    if hasattr(norm, "full_tensor"):  # a DTensor (FSDP2): the global norm, still on device
+        norm = norm.full_tensor()
+    both = torch.stack([loss_sum, norm.detach().to(counts.device, torch.float64), *counts])
+    loss, grad_norm, targets, tokens, examples = both.tolist()
+    return loss / max(targets, 1.0), grad_norm, int(tokens), int(examples)
 
 
 @torch.no_grad()
@@ -120,12 +148,13 @@ def loss_totals(
         real = b < len(starts)
         start = starts[b] if real else 0
         rows = [dataset[i] for i in range(start, min(start + micro_batch_size, len(dataset)))]
-        batch = {k: torch.stack([r[k] for r in rows]).to(device) for k in rows[0]}
+        host = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        batch = {k: v.to(device) for k, v in host.items()}
         with autocast():
             loss = float(loss_fn(forward, batch))
         if real:
             total += loss
-            count += count_targets(batch)
+            count += count_targets(host)  # counted on the host batch
             scored += len(rows)
     return total, count, scored
 

@@ -38,7 +38,7 @@ from evertrain.guard import DivergenceGuard
 from evertrain.metrics import MetricsLog
 from evertrain.owners import ObjectState
 from evertrain.progress import Progress
-from evertrain.step import backward_step, heldout_loss
+from evertrain.step import backward_step, heldout_loss, step_results
 from evertrain.train_settings import (
     LossFn,
     Rows,
@@ -391,7 +391,7 @@ class Trainer:
         step, t0 = p.global_step, time.perf_counter()
         apply = getattr(self.scheduler, "apply", None)
         lr = float(apply(step)) if callable(apply) else self.lr_at(step)
-        loss_sum, tokens, examples, global_targets = backward_step(
+        loss_t, counts = backward_step(
             [next(batches) for _ in range(n_micro)],
             forward=self.forward,
             loss_fn=self.loss_fn,
@@ -401,21 +401,19 @@ class Trainer:
             autocast=self._autocast,
             global_step=step + 1,
         )
-        # the step's loss per target token, global tokens and examples (before the update:
-        # every rank decides on the same global values whether to apply it)
-        loss_sum, tokens, examples = distributed.step_totals(self.dist, loss_sum, tokens, examples)
-        loss_sum = loss_sum / max(global_targets, 1.0)
-        norm = torch.nn.utils.clip_grad_norm_(
+        norm_t = torch.nn.utils.clip_grad_norm_(
             [q for g in self.optimizer.param_groups for q in g["params"]],
             self.settings.max_grad_norm or math.inf,
         )
-        finite = math.isfinite(loss_sum) and math.isfinite(float(norm))
+        # the step's only host sync: loss per target token, norm, global tokens, examples
+        loss_sum, norm, tokens, examples = step_results(self.dist, loss_t, counts, norm_t)
+        finite = math.isfinite(loss_sum) and math.isfinite(norm)
         undone = 0
         if finite:
             self.optimizer.step()
         else:
             self.optimizer.zero_grad(set_to_none=True)
-            undone = self.guard.nonfinite(step + 1, loss_sum, float(norm))
+            undone = self.guard.nonfinite(step + 1, loss_sum, norm)
             p.skipped_steps += undone
         if self.scheduler is not None and not callable(apply):
             self.scheduler.step()  # a torch LRScheduler: stepped after the optimizer
@@ -426,7 +424,7 @@ class Trainer:
         if finite:
             p.record_loss(loss_sum)
         stats = StepStats(
-            p.global_step, loss_sum, lr, float(norm), tokens, examples,
+            p.global_step, loss_sum, lr, norm, tokens, examples,
             time.perf_counter() - t0, epoch, undone,
         )  # fmt: skip
         line = {"kind": "train", **stats.__dict__}
