@@ -221,6 +221,34 @@ def compiled(tmp: Path) -> str:
     return "4 steps of a compiled model"
 
 
+@check("one host sync per optimizer step (set_sync_debug_mode)")
+def host_syncs(tmp: Path) -> str:
+    import warnings
+
+    from evertrain.config import load_config
+    from evertrain.recipe import build_trainer
+
+    cfg = load_config(tiny_config(tmp, grad_accum_steps=4, max_steps=6))
+    trainer = build_trainer(cfg, tmp / "run")
+    try:
+        trainer.start_fresh()
+        batches = trainer.batches()
+        trainer.train_step(batches)  # warm-up
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for _ in range(2):
+                    trainer.train_step(batches)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        assert len(syncs) <= 2, [str(w.message) for w in syncs]
+        return f"{len(syncs)} synchronizing call(s) in 2 steps of 4 micro-batches"
+    finally:
+        trainer.close()
+
+
 @check("kill -9 resume, deterministic algorithms", needs_cuda=False)
 def deterministic_resume(tmp: Path) -> str:
     return kill_and_resume(tmp, 1)
