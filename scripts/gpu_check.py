@@ -105,19 +105,18 @@ def final_states(run: Path) -> dict[str, object]:
     return {k: v for k, v in states.items() if k in ("model", "optimizer", "scheduler")}
 
 
-def same(a: object, b: object, path: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), path
-        for k in a:
-            same(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, list):
-        assert isinstance(b, list) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            same(x, y, f"{path}/{i}")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
+def same(a: object, b: object) -> None:
+    """The same structure, every tensor equal (dtype included: rtol = atol = 0), every
+    other leaf equal."""
+    from torch.utils._pytree import tree_flatten
+
+    (la, sa), (lb, sb) = tree_flatten(a), tree_flatten(b)
+    assert sa == sb, "different structure"
+    for x, y in zip(la, lb, strict=True):
+        if isinstance(x, torch.Tensor):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+        else:
+            assert x == y, f"{x!r} != {y!r}"
 
 
 def losses(run: Path) -> dict[int, float]:

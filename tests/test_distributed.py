@@ -113,8 +113,14 @@ def final_states(run_dir: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(config, run dir) of an uninterrupted 2-process run."""
-    tmp = tmp_path_factory.mktemp("straight")
-    config = dist_config(tmp)
+    return straight_run(tmp_path_factory, "straight", dist_config)
+
+
+def straight_run(factory: pytest.TempPathFactory, name: str, make_config: Any) -> tuple[Path, Path]:
+    """(config, run dir) of an uninterrupted 2-process `evertrain train` of the config
+    ``make_config(tmp)`` writes."""
+    tmp = factory.mktemp(name)
+    config = make_config(tmp)
     train(2, config, tmp / "run")
     return config, tmp / "run"
 
@@ -229,6 +235,12 @@ def test_group_killed_anywhere_resumes_bit_identical(
     signal_group_after_step(cmd, run_dir, outside, "kill")
     signal_group_after_step(cmd, run_dir, 10, "term")
     train(2, config, run_dir)
+    assert_same_run(run_dir, ref)
+
+
+def assert_same_run(run_dir: Path, ref: Path) -> None:
+    """``run_dir`` trained what ``ref`` did: the same losses and global example ids at every
+    step, every tensor of the final checkpoint equal."""
     assert train_losses(run_dir) == train_losses(ref)
     assert example_ids(run_dir) == example_ids(ref)
     assert_identical(final_states(ref), final_states(run_dir))

@@ -164,12 +164,9 @@ def fsdp_config(tmp: Path) -> Path:
 @pytest.fixture(scope="module")
 def cli_straight(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(config, run dir) of an uninterrupted 2-process FSDP2 `evertrain train`."""
-    from test_distributed import train
+    from test_distributed import straight_run
 
-    tmp = tmp_path_factory.mktemp("fsdp-cli")
-    config = fsdp_config(tmp)
-    train(2, config, tmp / "run")
-    return config, tmp / "run"
+    return straight_run(tmp_path_factory, "fsdp-cli", fsdp_config)
 
 
 def test_cli_fsdp_saves_shards_and_partitions_the_global_batch(
@@ -194,14 +191,7 @@ def test_cli_fsdp_killed_anywhere_resumes_bit_identical(
 ) -> None:
     """Killed while checkpoint 6 is half written, then SIGKILLed from outside after step 7
     or later: the resumed FSDP2 run is bit-identical to the uninterrupted one."""
-    from conftest import assert_identical, train_losses
-    from test_distributed import (
-        example_ids,
-        final_states,
-        signal_group_after_step,
-        torchrun_cmd,
-        train,
-    )
+    from test_distributed import assert_same_run, signal_group_after_step, torchrun_cmd, train
 
     config, ref = cli_straight
     run = tmp_path / "run"
@@ -210,9 +200,7 @@ def test_cli_fsdp_killed_anywhere_resumes_bit_identical(
     cmd = torchrun_cmd(2, ["train", str(config), "--run-dir", str(run)])
     signal_group_after_step(cmd, run, 8, "kill")
     train(2, config, run)
-    assert train_losses(run) == train_losses(ref)
-    assert example_ids(run) == example_ids(ref)
-    assert_identical(final_states(ref), final_states(run))
+    assert_same_run(run, ref)
 
 
 def test_cli_fsdp_to_one_process_to_ddp_keeps_the_global_sequence(
