@@ -233,8 +233,13 @@ def test_dashboard_in_headless_chromium(live: Live, tmp_path: Path) -> None:
         page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
         page.on("console", lambda m: m.type == "error" and errors.append(f"console: {m.text}"))
         page.goto(live.url)  # on loopback anyone local may look; acting needs the token
+        # the page's script has run a poll (its handlers are attached): on a loaded machine a
+        # click right after the navigation could land before them and do nothing
+        page.wait_for_selector("body[data-polls]", state="attached", timeout=60000)
         page.click("#btn-snapshot")
-        page.wait_for_selector("#control-msg:has-text('sign in with the access token')")
+        page.wait_for_selector(
+            "#control-msg:has-text('sign in with the access token')", timeout=60000
+        )
         page.fill("#token-input", live.token)
         with page.expect_navigation(url=live.url):  # /?token= sets a cookie, redirects to /
             page.click("#btn-token")
