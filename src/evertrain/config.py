@@ -10,7 +10,6 @@ tensor shapes (refused unless ``--allow-config-change``).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +24,9 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+
+from evertrain.config_hints import suggestion
+from evertrain.config_yaml import UniqueKeyLoader
 
 # causal: a decoder-only LM (AutoModelForCausalLM); seq2seq: an encoder-decoder model
 # (AutoModelForSeq2SeqLM, e.g. T5) trained on prompt -> completion pairs.
@@ -349,73 +351,10 @@ def _format_error(err: ValidationError, origin: str) -> ConfigError:
     path = ".".join(str(p) for p in first["loc"]) or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
-        msg = "unknown key" + _suggestion([str(p) for p in first["loc"]])
+        msg = "unknown key" + suggestion(RunConfig, [str(p) for p in first["loc"]])
     elif "input" in first and first["type"] != "missing":
         msg = f"{msg} (got {first['input']!r})"
     return ConfigError(f"{origin}: {path}: {msg}{more}")
-
-
-# Keys people bring from transformers' TrainingArguments and PEFT's LoraConfig (and some
-# Axolotl/torchtune spellings), by the name evertrain uses; docs/config.md lists them.
-FOREIGN_KEYS = {
-    "learning_rate": "train.lr",
-    "per_device_train_batch_size": "train.micro_batch_size",
-    "micro_batch_size": "train.micro_batch_size",
-    "batch_size": "train.micro_batch_size",
-    "gradient_accumulation_steps": "train.grad_accum_steps",
-    "num_train_epochs": "train.epochs",
-    "num_epochs": "train.epochs",
-    "max_steps": "train.max_steps",
-    "warmup_steps": "train.schedule.warmup_steps",
-    "warmup_ratio": "train.schedule.warmup_steps (in steps)",
-    "lr_scheduler_type": "train.schedule.name",
-    "weight_decay": "train.weight_decay",
-    "max_grad_norm": "train.max_grad_norm",
-    "adam_beta1": "train.betas",
-    "adam_beta2": "train.betas",
-    "adam_epsilon": "train.eps",
-    "optim": "train.optimizer",
-    "bf16": "train.precision: bf16",
-    "fp16": "train.precision (fp32 or bf16)",
-    "eval_steps": "train.eval_every_steps",
-    "gradient_checkpointing": "train.gradient_checkpointing",
-    "save_steps": "checkpoint.every_steps",
-    "save_total_limit": "checkpoint.keep_last",
-    "output_dir": "--run-dir (a command-line option)",
-    "resume_from_checkpoint": "nothing: evertrain always resumes from RUN's newest checkpoint",
-    "model_name_or_path": "model.source",
-    "base_model": "model.source",
-    "max_seq_length": "data.seq_len",
-    "sequence_len": "data.seq_len",
-    "dataset": "data.files",
-    "lora_r": "lora.r",
-    "lora_alpha": "lora.alpha",
-    "lora_dropout": "lora.dropout",
-    "lora_target_modules": "lora.target_modules",
-}
-
-
-def _suggestion(loc: list[str]) -> str:
-    """For an unknown key at ``loc``: the evertrain name of a foreign key, else the closest
-    known key of its section (difflib), else where the keys are listed."""
-    import difflib
-
-    key = loc[-1]
-    if key in FOREIGN_KEYS:
-        return f"; evertrain calls this {FOREIGN_KEYS[key]}"
-    section: Any = RunConfig
-    for part in loc[:-1]:
-        field = section.model_fields.get(part) if hasattr(section, "model_fields") else None
-        ann = getattr(field, "annotation", None)
-        inner = [a for a in getattr(ann, "__args__", (ann,)) if hasattr(a, "model_fields")]
-        section = inner[0] if inner else None
-        if section is None:
-            break
-    if section is not None:
-        close = difflib.get_close_matches(key, list(section.model_fields), n=1, cutoff=0.6)
-        if close:
-            return f"; did you mean {close[0]!r}?"
-    return " (check the spelling; see examples/tiny.yaml for the valid keys)"
 
 
 def _to_plain(obj: Any) -> Any:
@@ -441,7 +380,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise ConfigError(f"--set {item!r}: empty key segment in {key!r}")
     try:
-        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None  # noqa: S506
+        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else None  # noqa: S506
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from None
     return parts, value
@@ -494,7 +433,7 @@ def load_config(
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: cannot read config: {e}") from None
         try:
-            raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+            raw = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1} column {mark.column + 1}:" if mark is not None else ""
@@ -529,43 +468,6 @@ def load_config(
         if ("/" in src or src.endswith(".gguf")) and not Path(src).is_absolute():
             cfg.model.source = str((base / src).resolve())
     return cfg
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping: plain YAML keeps the
-    last value silently, so `lr` set twice would train with whichever came last."""
-
-
-def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None,
-                None,
-                f"duplicate key {key!r} (first at line {seen[key] + 1}); keep one",
-                key_node.start_mark,
-            )
-        seen[key] = key_node.start_mark.line
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _unique_mapping,  # type: ignore[arg-type]
-)
-# YAML 1.2 floats: PyYAML resolves YAML 1.1, where `2e-4` (no dot) is a string, so a learning
-# rate written the usual way was refused. Appended after PyYAML's own resolvers (on a copy,
-# so plain yaml.safe_load is unchanged): integers still resolve as ints first.
-_UniqueKeyLoader.yaml_implicit_resolvers = {
-    k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$"),
-    list("-+0123456789."),
-)
 
 
 def config_from_json(data: dict[str, Any]) -> RunConfig:

@@ -35,7 +35,8 @@ class BadFiles:
         stream: StreamState
         _plan: FilePlan | None
 
-        def _reject(self, row: FileRow, reason: str, **values: Any) -> None: ...
+        def _settle(self, row: FileRow, status: str, crash_point: str, **values: Any) -> None: ...
+        def _emit(self, event: str, payload: dict[str, Any]) -> None: ...
         def _save_until_committed(self) -> bool: ...
 
     # what the file at hand is going through, for reject reasons: validating or training
@@ -172,3 +173,18 @@ class BadFiles:
             "loss_end": plan.loss_end,
             "val_loss_before": plan.val_loss_before,
         }
+
+    def _reject(self, row: FileRow, reason: str, **values: Any) -> None:
+        """Reject ``row``'s file with ``reason`` (``values``: further ledger columns)."""
+        self._settle(row, "rejected", "reject", error=reason, **values)
+        log.warning("REJECTED %s (file %d): %s", row.name, row.id, reason)
+        self._emit("rejected", {"id": row.id, "name": row.name, "reason": reason})
+
+    def _duplicate(self, row: FileRow, original: FileRow) -> None:
+        note = (
+            f"identical to file {original.id} ({original.name}), already trained; not "
+            "trained again (set watch.retrain_duplicates: true to train duplicates)"
+        )
+        self._settle(row, "duplicate", "processed", error=note)
+        log.info("file %d (%s): %s", row.id, row.name, note)
+        self._emit("duplicate", {"id": row.id, "name": row.name, "original": original.id})

@@ -536,21 +536,6 @@ class FileWork(BadFiles):
             return
         move(src, dest)
 
-    def _reject(self, row: FileRow, reason: str, **values: Any) -> None:
-        """Reject ``row``'s file with ``reason`` (``values``: further ledger columns)."""
-        self._settle(row, "rejected", "reject", error=reason, **values)
-        log.warning("REJECTED %s (file %d): %s", row.name, row.id, reason)
-        self._emit("rejected", {"id": row.id, "name": row.name, "reason": reason})
-
-    def _duplicate(self, row: FileRow, original: FileRow) -> None:
-        note = (
-            f"identical to file {original.id} ({original.name}), already trained; not "
-            "trained again (set watch.retrain_duplicates: true to train duplicates)"
-        )
-        self._settle(row, "duplicate", "processed", error=note)
-        log.info("file %d (%s): %s", row.id, row.name, note)
-        self._emit("duplicate", {"id": row.id, "name": row.name, "original": original.id})
-
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
