@@ -152,3 +152,10 @@ def test_run_with_only_damaged_checkpoints_refuses_to_start_fresh(
     proc = evertrain("train", str(config), "--run-dir", str(run), check=False)
     assert proc.returncode == 2 and "none verifies" in proc.stderr
     assert len(list((run / "checkpoints").glob("step-*"))) == 3  # nothing deleted
+
+
+def test_version() -> None:
+    from evertrain import __version__
+
+    proc = evertrain("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"evertrain {__version__}"

@@ -5,6 +5,7 @@ model; damaged checkpoints and existing outputs are refused."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,12 @@ def test_adapter_export_loads_with_peft(lora_run: tuple[Path, Any], tmp_path: Pa
     assert res.kind == "adapter" and res.global_step == 6
     assert {"adapter_config.json", "adapter_model.safetensors", EXPORT_MANIFEST} <= set(res.files)
     assert not (out / "model.safetensors").exists()  # never the frozen base
+    # what a plain open() gives, not the 0600 of the libraries' mkstemp
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {f: (out / f).stat().st_mode & 0o777 for f in res.files} == {
+        f: 0o666 & ~umask for f in res.files
+    }
     meta = json.loads((out / EXPORT_MANIFEST).read_text())
     assert meta["global_step"] == 6 and meta["kind"] == "adapter"
     assert (

@@ -102,13 +102,22 @@ def make_tmp_dir(final: Path) -> Path:
     return tmp
 
 
+def _plain_modes(root: Path) -> None:
+    # libraries write through mkstemp (safetensors, PEFT): their files come out 0600, which
+    # would hide an export from the user's group; give what a plain open() would
+    for p in root.rglob("*"):
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_UMASK)
+
+
 @contextmanager
 def staged_dir(final: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``final``; on normal exit rename it to
     ``final`` (and fsync the parent), on an exception remove it.
 
     ``final`` must not exist or be an empty directory: output the caller did not write is
-    never replaced.
+    never replaced. Everything inside gets the permissions a plain ``open``/``mkdir`` gives
+    (0666/0777 minus the umask), whatever the writing library chose.
 
     Raises:
         FileExistsError: ``final`` exists and is a file or a non-empty directory (checked
@@ -119,6 +128,7 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     tmp = make_tmp_dir(final)
     try:
         yield tmp
+        _plain_modes(tmp)
         _check_free(final)
         if final.is_dir():
             final.rmdir()  # empty (checked); rename() cannot replace it on every OS

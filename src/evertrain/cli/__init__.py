@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Annotated
 
 import typer
 
@@ -23,6 +24,26 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Continuous, exactly-resumable PyTorch training.",
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from evertrain import __version__
+
+        typer.echo(f"evertrain {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="print the version"),
+    ] = False,
+) -> None:
+    """Continuous, exactly-resumable PyTorch training."""
+
+
 app.command("train")(train_cmd.train)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("verify")(verify_cmd.verify)
