@@ -409,19 +409,6 @@ class LazyShards:
             raise StateError(f"{self.name}: {path}: the slices cover {covered} of {out.numel()}")
         return out
 
-    def materialize(self) -> dict[str, Any]:
-        """The whole state (every sharded tensor assembled), as :func:`merge_shards`."""
-        return dict(
-            _walk(
-                self.base(),
-                lambda p, leaf: (
-                    self.read_box(p, [0] * len(leaf.shape), leaf.shape)
-                    if isinstance(leaf, ShardRef)
-                    else leaf
-                ),
-            )
-        )
-
 
 def lazy_sharded(directory: Path, names: Collection[str]) -> dict[str, LazyShards]:
     """The owners among ``names`` that checkpoint ``directory`` holds sharded (their rank-0
