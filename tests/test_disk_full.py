@@ -131,6 +131,17 @@ def test_full_disk_at_each_write_layer_pauses_and_resumes_bit_identical(
 
         monkeypatch.setattr(commit, "_write_parts", checkpoint_write)
 
+    # the daemon's probe write must see the same full disk, or it resumes at once and the
+    # state flips between "paused" and "training" while the test looks
+    import evertrain.daemon.loop as loop
+
+    probe = loop.probe_write
+
+    def probe_write(root: Path, min_free_bytes: int = 0) -> str | None:
+        return "No space left on device (injected)" if full_now() else probe(root, min_free_bytes)
+
+    monkeypatch.setattr(loop, "probe_write", probe_write)
+
     result: list[int] = []
     thread = threading.Thread(target=lambda: result.append(daemon.run()))
     thread.start()
