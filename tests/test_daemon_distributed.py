@@ -23,14 +23,16 @@ MICRO, ACCUM, WORLD = 4, 2, 2  # one global micro-batch = 8 rows -> 3 per file -
 STEPS_PER_FILE = math.ceil((TRAIN_ROWS // (MICRO * WORLD)) / ACCUM)
 
 
-def watch(tmp: Path, every_steps: int, fault: str | None = None) -> tuple[Path, Any]:
+def watch(
+    tmp: Path, every_steps: int, fault: str | None = None, async_save: bool = False
+) -> tuple[Path, Any]:
     """Two files dropped into a new run's inbox, then ``torchrun -m evertrain watch --once``
     (with ``EVERTRAIN_FAULT=fault``: the group is SIGKILLed there, then started again)."""
     files = equal_files(tmp / "src", 2, TRAIN_ROWS, VAL_ROWS)
     config = watch_config(
         tmp,
         train={"micro_batch_size": MICRO, "grad_accum_steps": ACCUM},
-        checkpoint={"every_steps": every_steps, "keep_last": 10},
+        checkpoint={"every_steps": every_steps, "keep_last": 10, "async": async_save},
     )
     run_dir = tmp / "run"
     for f in files:
@@ -106,10 +108,19 @@ def test_watch_under_torchrun_trains_two_inbox_files(straight: Path) -> None:
     assert progress["examples_seen"] == 2 * (TRAIN_ROWS // (MICRO * WORLD)) * MICRO * WORLD
 
 
-def test_group_killed_mid_file_resumes_bit_identical(straight: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("saves", ["sync", "async"])
+def test_group_killed_mid_file_resumes_bit_identical(
+    straight: Path, tmp_path: Path, saves: str
+) -> None:
     # killed in step 2 of the first file, after the step-1 checkpoint: the restart resumes
-    # the file in the middle on both ranks
-    resumed, _ = watch(tmp_path, every_steps=1, fault="micro@2:0")
+    # the file in the middle on both ranks (async: each rank wrote its part in the background)
+    resumed, _ = watch(tmp_path, every_steps=1, fault="micro@2:0", async_save=saves == "async")
+    modes = {
+        json.loads(line)["mode"]
+        for line in (resumed / "metrics.jsonl").read_text().splitlines()
+        if '"kind": "checkpoint"' in line
+    }
+    assert modes == {saves}
     a, b = adapter(straight), adapter(resumed)
     assert a.keys() == b.keys() and a
     for key in a:

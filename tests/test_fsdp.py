@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli_env
+from conftest import assert_identical, cli_env, train_losses
 from evertrain.checkpoint import read_checkpoint, verify_checkpoint
 from evertrain.sharded import merge_sharded
 
@@ -97,14 +97,17 @@ def test_sharded_checkpoint_is_per_rank_safetensors_and_json(
     assert list(states["model_rank1"]["weights"]["inp.weight"].shape) == [18, 24]
 
 
+@pytest.mark.parametrize("saves", ["sync", "async"])
 def test_kill_9_then_resume_on_the_same_world_size_is_bit_exact(
-    tmp_path: Path, uninterrupted: dict[int, dict[str, Any]]
+    tmp_path: Path, uninterrupted: dict[int, dict[str, Any]], saves: str
 ) -> None:
-    ref = uninterrupted[2]
+    ref = uninterrupted[2]  # saved synchronously: async saves change nothing trained
     run, out = tmp_path / "run", tmp_path / "b.json"
-    proc = launch(2, run, "--steps", str(STEPS), "--kill-at", "5", check=False)
+    more = ["--async-save"] if saves == "async" else []
+    proc = launch(2, run, "--steps", str(STEPS), "--kill-at", "5", *more, check=False)
     assert proc.returncode != 0  # every rank SIGKILLed after step 5, before its save
-    launch(2, run, "--steps", str(STEPS), "--out", str(out))
+    assert verify_checkpoint(run / "checkpoints" / f"step-{SAVE_EVERY:08d}") == []
+    launch(2, run, "--steps", str(STEPS), "--out", str(out), *more)
     got = record(out)
     assert got["resumed_at"] == SAVE_EVERY
     assert_equal_tensors(got["weights"], ref["weights"])
@@ -201,6 +204,49 @@ def test_cli_fsdp_killed_anywhere_resumes_bit_identical(
     signal_group_after_step(cmd, run, 8, "kill")
     train(2, config, run)
     assert_same_run(run, ref)
+
+
+def test_cli_fsdp_async_saves_killed_mid_write_resume_bit_identical(
+    cli_straight: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """``checkpoint.async`` under FSDP2 on 2 processes: every rank writes its shards in the
+    background. Killed while the background write of checkpoint 6 is half done, then
+    SIGKILLed from outside after step 8: the run is bit-identical to the uninterrupted
+    synchronous one, and every checkpoint it left was written asynchronously."""
+    import yaml
+
+    from test_distributed import (
+        example_ids,
+        final_states,
+        signal_group_after_step,
+        torchrun_cmd,
+        train,
+    )
+
+    config, ref = cli_straight
+    raw = yaml.safe_load(config.read_text())
+    raw["checkpoint"]["async"] = True
+    config = tmp_path / "async.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run = tmp_path / "run"
+    proc = train(2, config, run, check=False, EVERTRAIN_FAULT="save@6")
+    assert proc.returncode != 0 and not (run / "checkpoints" / "step-00000006").exists()
+    assert (run / "checkpoints" / "step-00000006.tmp").is_dir()  # the write was under way
+    cmd = torchrun_cmd(2, ["train", str(config), "--run-dir", str(run)])
+    signal_group_after_step(cmd, run, 8, "kill")
+    train(2, config, run)
+    assert train_losses(run) == train_losses(ref)
+    assert example_ids(run) == example_ids(ref)
+    mine, theirs = final_states(run), final_states(ref)
+    assert mine.pop("config")["config"]["checkpoint"]["async"] is True
+    theirs.pop("config")
+    assert_identical(mine, theirs)
+    saves = [
+        json.loads(line)
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if '"kind": "checkpoint"' in line
+    ]
+    assert saves and {s["mode"] for s in saves} == {"async"}
 
 
 def test_cli_fsdp_to_one_process_to_ddp_keeps_the_global_sequence(

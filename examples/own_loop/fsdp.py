@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--kill-at", type=int, default=0, help="SIGKILL every rank after this step")
     ap.add_argument("--out", help="write the run's record (losses, rows, final weights) here")
     ap.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, one GPU a rank)")
+    ap.add_argument("--async-save", action="store_true", help="write checkpoints in the background")
     args = ap.parse_args()
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -100,6 +101,7 @@ def main() -> None:
         every_steps=args.save_every,
         keep_last=10,
         rank_state=lambda name, states: states[name],
+        async_save=args.async_save,
     )
     record: dict[str, object] = {"losses": {}, "rows": {}}
     step = ckpt.resume()

@@ -92,7 +92,8 @@ class Checkpointer:
         keep: a retention policy (:class:`~evertrain.checkpoint.KeepLast`, ``KeepBest``,
             ``KeepEvery``, combined with ``|``).
         async_save: copy the state to host memory at a save and write it in a background
-            thread (one process only; several processes save synchronously).
+            thread; with several processes each rank writes its own part in the background
+            and the commit is agreed over a second (gloo) process group.
         min_free_bytes: bytes that must stay free after a save; a save that would go below
             is skipped (warned) and retried after each following step.
         owners: owners used as they are (each with ``state_dict()``/``load_state_dict()``
@@ -208,6 +209,7 @@ class Checkpointer:
         self._closed = False
         self._chose = False
         self._overrides: dict[str, dict[str, Any]] = {}
+        self._side: Group | None = None  # the async commit's own process group
         self._lock = RunLock(self.run_dir / LOCK_NAME) if lock and self.group.rank == 0 else None
         if self._lock is not None:
             self._lock.acquire()  # last: a refused argument above leaves no directory behind
@@ -477,7 +479,7 @@ class Checkpointer:
                     summary,
                     per_rank_owners=self.per_rank,
                     protect=protect,
-                    async_requested=self.async_save,
+                    async_group=self._async_group() if self.async_save else None,
                 )
             elif self.async_save:
                 path = self.manager.save_async(step, states, summary, protect=protect)
@@ -492,6 +494,12 @@ class Checkpointer:
         self.last_checkpoint, self.last_saved_step = path, step
         self._log_save_stats()
         return path
+
+    def _async_group(self) -> Group:
+        # created at the first save, which every rank reaches at the same global_step
+        if self._side is None:
+            self._side = self.group.side_group()
+        return self._side
 
     def _log_save_stats(self) -> None:
         # each save's cost (stall, write, bytes) goes to metrics.jsonl once it is known

@@ -46,7 +46,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,10 +120,25 @@ class Group:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     backend: str | None = None
+    # the torch process group the collectives run on; None: the default group
+    pg: Any = field(default=None, compare=False, repr=False)
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    def side_group(self) -> Group:
+        """The same ranks over a new gloo process group, for collectives issued from a
+        background thread (the asynchronous checkpoint commit) while the training thread
+        runs its own on this group: two threads must never interleave collectives on one
+        process group (each rank would pair them up in a different order). The group holds
+        host tensors only. Collective: every rank must call it, in the same order relative
+        to other group creations. With one process: this group.
+        """
+        if not self.distributed:
+            return self
+        pg = dist.new_group(backend="gloo")
+        return replace(self, backend="gloo", pg=pg)
 
     def tensor(self, values: Sequence[float | int], dtype: torch.dtype) -> torch.Tensor:
         """``values`` as a tensor on the device this group's collectives use."""
@@ -135,13 +150,13 @@ class Group:
 
     def barrier(self) -> None:
         if self.distributed:
-            dist.barrier()
+            dist.barrier(group=self.pg)
 
     def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` summed over ranks, in place (no host copy: the caller reads it when it
         must); ``t`` as is with one process. ``t`` lives on the backend's device."""
         if self.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.pg)
         return t
 
     def sum_floats(self, values: Sequence[float]) -> list[float]:
@@ -149,7 +164,7 @@ class Group:
         if not self.distributed:
             return list(values)
         t = self._t(values, torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.pg)
         return [float(v) for v in t.tolist()]
 
     def max_ints(self, values: Sequence[int]) -> list[int]:
@@ -157,7 +172,7 @@ class Group:
         if not self.distributed:
             return list(values)
         t = self._t(values, torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.pg)
         return [int(v) for v in t.tolist()]
 
     def any(self, flag: bool) -> bool:
@@ -170,7 +185,7 @@ class Group:
         if not self.distributed:
             return list(values)
         t = self._t(values, torch.int64)
-        dist.broadcast(t, src=src)
+        dist.broadcast(t, src=src, group=self.pg)
         return [int(v) for v in t.tolist()]
 
     def all_gather_ints(self, values: Sequence[int]) -> list[list[int]]:
@@ -179,7 +194,7 @@ class Group:
             return [list(values)]
         t = self._t(values, torch.int64)
         out = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(out, t)
+        dist.all_gather(out, t, group=self.pg)
         return [[int(v) for v in o.tolist()] for o in out]
 
     def all_gather_bytes(self, data: bytes) -> list[bytes]:
@@ -193,7 +208,7 @@ class Group:
         if data:
             buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(buf.device)
         out = [torch.empty_like(buf) for _ in range(self.world_size)]
-        dist.all_gather(out, buf)
+        dist.all_gather(out, buf, group=self.pg)
         return [o[: s[0]].cpu().numpy().tobytes() for o, s in zip(out, sizes, strict=True)]
 
     def broadcast_json(self, value: Any, src: int = 0) -> Any:
@@ -207,7 +222,7 @@ class Group:
         buf = self._t([0] * max(size, 1), torch.uint8)
         if self.rank == src and data:
             buf[:size] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(buf.device)
-        dist.broadcast(buf, src=src)
+        dist.broadcast(buf, src=src, group=self.pg)
         return json.loads(buf[:size].cpu().numpy().tobytes())
 
     def agree_stop(self, requested: str | None) -> str | None:

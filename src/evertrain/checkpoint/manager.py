@@ -227,6 +227,7 @@ class CheckpointManager:
         states: Mapping[str, Mapping[str, Any]],
         summary: Mapping[str, Any],
         protect: Iterable[int] = (),
+        peers: PeerFiles | None = None,
     ) -> Path:
         """Snapshot ``states`` and commit them as ``root/step-<global_step>`` in the background.
 
@@ -242,7 +243,10 @@ class CheckpointManager:
 
         Args and errors raised here: as :meth:`save` (validation, disk space and the
         previous save's error are raised synchronously). Errors of the write itself are
-        raised by the next :meth:`check`, :meth:`wait`, :meth:`close` or save.
+        raised by the next :meth:`check`, :meth:`wait`, :meth:`close` or save. With
+        ``peers`` (rank 0 of a multi-process run) the whole commit protocol runs in the
+        background thread, and ``peers.fail``/``peers.committed`` tell the other ranks the
+        outcome.
 
         Returns:
             The directory the checkpoint will be committed to (not yet committed: see
@@ -257,7 +261,14 @@ class CheckpointManager:
         protected = set(protect)
 
         def job() -> None:
-            nbytes, write_s, retention_s = self._write(final, staged, protected)
+            try:
+                nbytes, write_s, retention_s = self._write(final, staged, protected, peers)
+            except BaseException as e:
+                if peers is not None:
+                    peers.fail(e)
+                raise
+            if peers is not None:
+                peers.committed()
             self._record(
                 SaveStats(
                     global_step=global_step,
@@ -275,6 +286,49 @@ class CheckpointManager:
         stall_s = time.perf_counter() - t0  # read by job(), which starts only below
         self._writer.submit(job)
         return final
+
+    def save_part_async(
+        self,
+        global_step: int,
+        prepared: PreparedCheckpoint | None,
+        write: Callable[[PreparedCheckpoint | None], int],
+    ) -> None:
+        """A non-zero rank's share of an asynchronous multi-process save
+        (:func:`evertrain.checkpoint.ranks.save_ranked`): wait for this rank's previous
+        save (raising its error), copy ``prepared``'s tensors into the staging buffer, then
+        run ``write(staged)`` in the background thread; it returns the bytes it wrote.
+        ``prepared`` None (this rank's states failed validation): ``write(None)`` still
+        runs, to report the failure to rank 0. Errors of ``write`` are raised by the next
+        :meth:`check`, :meth:`wait`, :meth:`close` or save, as for :meth:`save_async`.
+        """
+        t0 = time.perf_counter()
+        waited = self._finish_in_flight()
+        staged = None
+        stage_s = 0.0
+        if prepared is not None:
+            t1 = time.perf_counter()
+            staged = prepared.staged(self._staging.stage(prepared.staging_groups()))
+            stage_s = time.perf_counter() - t1
+
+        def job() -> None:
+            t2 = time.perf_counter()
+            nbytes = write(staged)
+            self._record(
+                SaveStats(
+                    global_step=global_step,
+                    path=str(self.root / step_dir_name(global_step)),
+                    mode="async",
+                    stall_s=stall_s,
+                    wait_s=waited,
+                    stage_s=stage_s,
+                    write_s=time.perf_counter() - t2,
+                    retention_s=0.0,
+                    bytes=nbytes,
+                )
+            )
+
+        stall_s = time.perf_counter() - t0
+        self._writer.submit(job)
 
     @property
     def in_flight(self) -> bool:

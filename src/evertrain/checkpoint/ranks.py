@@ -30,6 +30,9 @@ Commit protocol (:func:`save_ranked`), all ranks in lockstep:
 
 A rank killed at any point (SIGKILL, OOM) takes the group down (torchrun's behaviour) and
 leaves at most ``step-N.tmp/``, which is never a checkpoint.
+
+Asynchronous saves run steps 2-5 in each rank's background writer thread, over a second
+process group (see :func:`save_ranked`).
 """
 
 from __future__ import annotations
@@ -49,7 +52,13 @@ from evertrain.checkpoint.errors import (
     InsufficientDiskSpaceError,
     Problem,
 )
-from evertrain.checkpoint.format import MANIFEST, STEP_DIR_RE, prepare_checkpoint, step_dir_name
+from evertrain.checkpoint.format import (
+    MANIFEST,
+    STEP_DIR_RE,
+    PreparedCheckpoint,
+    prepare_checkpoint,
+    step_dir_name,
+)
 from evertrain.checkpoint.manager import CheckpointInfo, CheckpointManager
 from evertrain.checkpoint.verify import verify_checkpoint
 from evertrain.rng import RNGState, rank_seed, seed_everything
@@ -60,7 +69,6 @@ _run_log = logging.getLogger("evertrain")
 _RANK_OWNER_RE = re.compile(r"(?P<owner>[a-z0-9_]+?)_rank(?P<rank>[1-9][0-9]*)")
 # rank 0's broadcast after preparing, and after the commit
 _GO, _ABORT_DISK, _ABORT, _COMMITTED, _FAILED = 0, 1, 2, 3, 4
-_warned_async: list[bool] = []
 
 
 class Collectives(Protocol):
@@ -98,6 +106,13 @@ class PeerFiles(Protocol):
         "xxh3_128"}``). Raises CheckpointWriteError if a rank failed (nothing is committed).
         ``own`` is rank 0's entries, which no other rank's name may repeat."""
         ...
+
+    def fail(self, error: BaseException) -> None:
+        """Rank 0 failed with ``error`` (before or after :meth:`start`): release the other
+        ranks, which then raise; nothing is committed."""
+
+    def committed(self) -> None:
+        """Rank 0 committed the checkpoint (and applied retention): tell the other ranks."""
 
 
 def rank_owner(owner: str, rank: int) -> str:
@@ -281,95 +296,34 @@ class _Leader:
             _gather(self.group, {"ok": False, "files": {}, "error": f"{error}"})
         self.group.broadcast_ints([_FAILED])
 
+    def committed(self) -> None:
+        self.group.broadcast_ints([_COMMITTED])
+
 
 def _gather(group: Collectives, report: dict[str, Any]) -> list[dict[str, Any]]:
     blobs = group.all_gather_bytes(json.dumps(report).encode())
     return [json.loads(b) for b in blobs]
 
 
-def _write_peer_part(
-    tmp: Path, states: Mapping[str, Mapping[str, Any]], global_step: int
-) -> dict[str, Any]:
+def _write_peer_part(tmp: Path, prepared: PreparedCheckpoint) -> dict[str, Any]:
     """Write this rank's owners into ``tmp``: their manifest entries."""
     if not tmp.is_dir():
         raise CheckpointWriteError(
             f"{tmp} does not exist on this rank: is the run directory "
             "on a file system every node shares?"
         )
-    prepared = prepare_checkpoint(states, {}, global_step=global_step)
-    return write_owner_files(tmp, prepared, global_step)
+    return write_owner_files(tmp, prepared, prepared.global_step)
 
 
-def save_ranked(
-    manager: CheckpointManager,
-    group: Collectives,
-    global_step: int,
-    states: Mapping[str, Mapping[str, Any]],
-    summary: Mapping[str, Any],
-    *,
-    per_rank_owners: Iterable[str] = ("rng",),
-    protect: Iterable[int] = (),
-    async_requested: bool = False,
-) -> Path:
-    """Commit one checkpoint of a multi-process run (the protocol in the module docstring).
-    Collective: every rank calls it with the same ``global_step``; synchronous.
-
-    Args:
-        manager: the run's checkpoint manager (rank 0 commits and applies retention with it).
-        group: this process's group.
-        global_step: optimizer steps completed.
-        states: on rank 0 every owner; on other ranks at least ``per_rank_owners`` (the rest
-            is ignored).
-        summary: the manifest summary (rank 0's is used); ``ranks`` is added.
-        per_rank_owners: owners each rank saves for itself.
-        protect: global_steps retention must not delete (rank 0).
-        async_requested: ``checkpoint.async`` is set; the save is synchronous anyway (the
-            protocol's collectives run in the training thread), which rank 0 warns about once.
-
-    Returns:
-        The committed checkpoint directory (on every rank).
-
-    Raises:
-        InsufficientDiskSpaceError: rank 0 found too little free space; nothing written, on
-            every rank.
-        CheckpointWriteError: some rank failed (named in the message); nothing committed,
-            the partial ``step-N.tmp/`` removed, on every rank.
-        CheckpointError: invalid states (rank 0's are validated before anything is written).
-    """
-    owners = sorted(set(per_rank_owners))
-    final = manager.root / step_dir_name(global_step)
-    if async_requested and group.rank == 0 and not _warned_async:
-        _warned_async.append(True)
-        _logger.warning(
-            "checkpoint.async is not supported with several processes yet: checkpoints are "
-            "saved synchronously"
-        )
-    if group.rank == 0:
-        leader = _Leader(group, global_step)
-        full = {**summary, "ranks": {"world_size": group.world_size, "per_rank_owners": owners}}
-        try:
-            manager.save(global_step, states, full, protect=protect, peers=leader)
-        except BaseException as e:
-            leader.fail(e)
-            raise
-        group.broadcast_ints([_COMMITTED])
-        return final
-    code, free, need = group.broadcast_ints([0, 0, 0])
-    if code == _ABORT_DISK:
-        raise InsufficientDiskSpaceError(
-            manager.root,
-            free,
-            need,
-            f"step {global_step} not saved: rank 0 found {free} bytes free, needs {need}",
-        )
-    if code != _GO:
-        raise CheckpointWriteError(
-            f"step {global_step} not saved: rank 0 failed before writing (see its error)"
-        )
-    tmp = final.with_name(final.name + ".tmp")
-    mine = {rank_owner(o, group.rank): states[o] for o in owners}
+def _peer_protocol(
+    group: Collectives, tmp: Path, global_step: int, part: Callable[[], dict[str, Any]]
+) -> int:
+    """A non-zero rank's side after rank 0's "go": write its files (``part``), report,
+    learn the outcome. Returns the bytes it wrote; raises CheckpointWriteError if the
+    checkpoint was not committed."""
     try:
-        report: dict[str, Any] = {"ok": True, "files": _write_peer_part(tmp, mine, global_step)}
+        files = part()
+        report: dict[str, Any] = {"ok": True, "files": files}
     except (CheckpointError, OSError) as e:
         report = {"ok": False, "files": {}, "error": f"{type(e).__name__}: {e}"}
     reports = _gather(group, report)
@@ -383,4 +337,159 @@ def save_ranked(
     _logger.debug(
         "rank %d: step %d committed (waited %.3fs)", group.rank, global_step, time.monotonic() - t0
     )
+    return sum(int(f["size"]) for f in report["files"].values())
+
+
+def _receive_go(group: Collectives, manager: CheckpointManager, global_step: int) -> None:
+    """Rank 0's verdict after preparing: return on "go", else raise what it found."""
+    code, free, need = group.broadcast_ints([0, 0, 0])
+    if code == _ABORT_DISK:
+        raise InsufficientDiskSpaceError(
+            manager.root,
+            free,
+            need,
+            f"step {global_step} not saved: rank 0 found {free} bytes free, needs {need}",
+        )
+    if code != _GO:
+        raise CheckpointWriteError(
+            f"step {global_step} not saved: rank 0 failed before writing (see its error)"
+        )
+
+
+def save_ranked(
+    manager: CheckpointManager,
+    group: Collectives,
+    global_step: int,
+    states: Mapping[str, Mapping[str, Any]],
+    summary: Mapping[str, Any],
+    *,
+    per_rank_owners: Iterable[str] = ("rng",),
+    protect: Iterable[int] = (),
+    async_group: Collectives | None = None,
+) -> Path:
+    """Commit one checkpoint of a multi-process run (the protocol in the module docstring).
+    Collective: every rank calls it with the same ``global_step``.
+
+    Synchronous unless ``async_group`` is given. Asynchronous: the training thread of each
+    rank only waits for its previous save, takes rank 0's verdict on the preparation
+    (step 1, on ``group``) and copies its own states into host memory; steps 2-5 then run
+    in each rank's background writer thread, with their collectives on ``async_group``
+    (a second process group of the same ranks, :meth:`evertrain.distributed.Group.
+    side_group`), so they never interleave with the training thread's collectives on
+    ``group``. A failure of steps 2-5 is raised on every rank by its manager's next
+    ``check``/``wait``/``close``/save; nothing is committed then, as in the synchronous
+    protocol.
+
+    Args:
+        manager: the run's checkpoint manager (rank 0 commits and applies retention with it).
+        group: this process's group (the training thread's).
+        global_step: optimizer steps completed.
+        states: on rank 0 every owner; on other ranks at least ``per_rank_owners`` (the rest
+            is ignored).
+        summary: the manifest summary (rank 0's is used); ``ranks`` is added.
+        per_rank_owners: owners each rank saves for itself.
+        protect: global_steps retention must not delete (rank 0).
+        async_group: write and commit in the background, coordinating over this group.
+
+    Returns:
+        The checkpoint directory (on every rank; committed only after the background write
+        when asynchronous).
+
+    Raises:
+        InsufficientDiskSpaceError: rank 0 found too little free space; nothing written, on
+            every rank.
+        CheckpointWriteError: some rank failed (named in the message); nothing committed,
+            the partial ``step-N.tmp/`` removed, on every rank.
+        CheckpointError: invalid states (rank 0's are validated before anything is written).
+        Exception: a failed earlier asynchronous save's error.
+    """
+    owners = sorted(set(per_rank_owners))
+    final = manager.root / step_dir_name(global_step)
+    tmp = final.with_name(final.name + ".tmp")
+    if async_group is not None:
+        return _save_ranked_async(
+            manager, group, async_group, global_step, states, summary, owners, protect
+        )
+    if group.rank == 0:
+        leader = _Leader(group, global_step)
+        full = {**summary, "ranks": {"world_size": group.world_size, "per_rank_owners": owners}}
+        try:
+            manager.save(global_step, states, full, protect=protect, peers=leader)
+        except BaseException as e:
+            leader.fail(e)
+            raise
+        leader.committed()
+        return final
+    _receive_go(group, manager, global_step)
+    mine = {rank_owner(o, group.rank): states[o] for o in owners}
+
+    def part() -> dict[str, Any]:
+        return _write_peer_part(tmp, prepare_checkpoint(mine, {}, global_step=global_step))
+
+    _peer_protocol(group, tmp, global_step, part)
+    return final
+
+
+def _save_ranked_async(
+    manager: CheckpointManager,
+    group: Collectives,
+    async_group: Collectives,
+    global_step: int,
+    states: Mapping[str, Mapping[str, Any]],
+    summary: Mapping[str, Any],
+    owners: list[str],
+    protect: Iterable[int],
+) -> Path:
+    final = manager.root / step_dir_name(global_step)
+    tmp = final.with_name(final.name + ".tmp")
+    if group.rank == 0:
+        # the preparation's verdict goes over the training thread's group; the background
+        # part reuses the synchronous leader on the side group
+        prep = _Leader(group, global_step)
+        full = {**summary, "ranks": {"world_size": group.world_size, "per_rank_owners": owners}}
+        try:
+            manager.save_async(
+                global_step, states, full, protect=protect, peers=_Leader(async_group, global_step)
+            )
+        except BaseException as e:
+            prep.fail(e)
+            raise
+        group.broadcast_ints([_GO, 0, 0])
+        return final
+    previous: BaseException | None = None
+    try:
+        manager.wait()
+    except BaseException as e:  # still hear rank 0's verdict, or rank 0 would wait forever
+        previous = e
+    try:
+        _receive_go(group, manager, global_step)
+    except (CheckpointWriteError, InsufficientDiskSpaceError):
+        if previous is None:
+            raise
+    if previous is not None:
+        raise previous  # the root cause, as rank 0 raises it
+    mine = {rank_owner(o, group.rank): states[o] for o in owners}
+    prepared: PreparedCheckpoint | None = None
+    invalid: CheckpointError | None = None
+    try:
+        prepared = prepare_checkpoint(mine, {}, global_step=global_step)
+    except CheckpointError as e:
+        invalid = e  # reported to rank 0 by the background part, which then commits nothing
+
+    def write(staged: PreparedCheckpoint | None) -> int:
+        code = async_group.broadcast_ints([0, 0, 0])[0]
+        if code != _GO:
+            raise CheckpointWriteError(
+                f"step {global_step} not saved: rank 0 failed before writing (see its error)"
+            )
+
+        def part() -> dict[str, Any]:
+            if staged is None:
+                assert invalid is not None
+                raise invalid
+            return _write_peer_part(tmp, staged)
+
+        return _peer_protocol(async_group, tmp, global_step, part)
+
+    manager.save_part_async(global_step, prepared, write)
     return final
