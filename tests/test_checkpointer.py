@@ -247,6 +247,16 @@ def test_only_damaged_checkpoints_is_an_error_naming_the_file(
     assert (tmp_path / "checkpoints" / "step-00000003").exists()  # never deleted
 
 
+def test_a_first_save_cut_short_leaves_a_run_that_starts_fresh(tmp_path: Path) -> None:
+    """Killed while the very first checkpoint was written (``step-N.tmp`` only, as a kill
+    during a background save leaves it): the run starts from step 0, not with an error."""
+    train(tmp_path, 3)
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "step-00000003").rename(ckpts / "step-00000003.tmp")
+    (ckpts / "step-00000002.deleting").mkdir()
+    assert build(tmp_path)[0].resume() == 0
+
+
 def test_a_checkpoint_of_two_ranks_is_refused_on_one(tmp_path: Path) -> None:
     from evertrain.checkpoint import write_checkpoint
 

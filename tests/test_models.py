@@ -19,6 +19,7 @@ import torch
 from evertrain.config import LoraConfig, ModelConfig
 from evertrain.models import (
     ModelSourceError,
+    adapter_config,
     apply_lora,
     default_target_modules,
     load_model,
@@ -276,6 +277,8 @@ def test_hf_directory_source(tmp_path):
     assert lm.tokenizer("abc")["input_ids"] == tiny().tokenizer("abc")["input_ids"]
     again = load_model(ModelConfig(source=str(tmp_path / "m"), dtype="bfloat16"), LoraConfig())
     assert again.identity == lm.identity  # identity is the base's, not dtype/LoRA's
+    # the adapter names its base by the source as given (issue 13, item 6)
+    assert adapter_config(again.model)["base_model_name_or_path"] == str(tmp_path / "m")
     assert next(p for p in again.model.parameters() if not p.requires_grad).dtype == (
         torch.bfloat16
     )

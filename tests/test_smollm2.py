@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from evertrain.config import LoraConfig, ModelConfig
-from evertrain.models import load_model, trainable_state
+from evertrain.models import adapter_config, load_model, trainable_state
 from evertrain.models.cache import MANIFEST
 from evertrain.models.identity import hash_file
 
@@ -52,6 +52,10 @@ def test_smollm2_converts_once_loads_from_cache_and_trains(tmp_path):
     cached_s = time.perf_counter() - t0
     assert (entry / "model.safetensors").stat().st_mtime_ns == mtime  # not rebuilt
     assert lm.identity == first.identity
+    # the adapter's base is SmolLM2's hub name, not the cache path it was loaded from
+    assert (
+        adapter_config(lm.model)["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
     base_sd = first.model.state_dict()
     for n, p in lm.model.get_base_model().state_dict().items():
         if "lora_" not in n:

@@ -18,7 +18,7 @@ import logging
 import re
 import signal
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from evertrain.checkpoint import (
     RetentionPolicy,
     SavePolicy,
 )
+from evertrain.checkpoint.format import STEP_DIR_RE
 from evertrain.checkpoint.ranks import choose_checkpoint, rank_owner, save_ranked
 from evertrain.config_json import config_to_json
 from evertrain.distributed import Group, NullMetricsLog, current_group
@@ -51,6 +52,7 @@ from evertrain.runlock import LOCK_NAME, RunLock
 from evertrain.sharded import lazy_sharded, merge_sharded
 from evertrain.signals import on_stop_signals
 from evertrain.state import StateError
+from evertrain.trackers import Tracker
 from evertrain.versions import versions
 
 log = logging.getLogger("evertrain")
@@ -94,6 +96,9 @@ class Checkpointer:
         async_save: copy the state to host memory at a save and write it in a background
             thread; with several processes each rank writes its own part in the background
             and the commit is agreed over a second (gloo) process group.
+        trackers: experiment trackers (:mod:`evertrain.trackers`: TensorBoard, MLflow, W&B,
+            or anything with ``start``/``log``/``close``) that get every ``metrics.jsonl``
+            record on rank 0, started at :meth:`resume`; a resume never logs a step twice.
         min_free_bytes: bytes that must stay free after a save; a save that would go below
             is skipped (warned) and retried after each following step.
         owners: owners used as they are (each with ``state_dict()``/``load_state_dict()``
@@ -139,6 +144,7 @@ class Checkpointer:
         keep_last: int = 3,
         keep: RetentionPolicy | None = None,
         async_save: bool = False,
+        trackers: Sequence[Tracker] = (),
         min_free_bytes: int = 0,
         owners: Mapping[str, Any] | None = None,
         progress: Progress | None = None,
@@ -185,6 +191,7 @@ class Checkpointer:
         self.allow_config_change = allow_config_change
         self.group = current_group() if group is None else group
         self.async_save = async_save
+        self.trackers = list(trackers)
         self.per_rank = tuple(n for n in per_rank if n in self.owners) + tuple(
             n for n, o in self.owners.items() if getattr(o, "sharded", False)
         )
@@ -226,7 +233,9 @@ class Checkpointer:
         if self.metrics is None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             path = self.run_dir / "metrics.jsonl"
-            self.metrics = MetricsLog(path) if self.group.rank == 0 else NullMetricsLog()
+            self.metrics = (
+                MetricsLog(path, self.trackers) if self.group.rank == 0 else NullMetricsLog()
+            )
         return self.metrics
 
     def latest(self) -> CheckpointInfo | None:
@@ -269,6 +278,7 @@ class Checkpointer:
         """Begin at global_step 0 although the run directory has checkpoints (they are kept;
         ``metrics.jsonl`` is emptied). Instead of :meth:`resume`."""
         self._open_metrics().rewind(0)
+        self.metrics.start_trackers(0)  # type: ignore[union-attr]
         self._resumed_from = 0
         self.save_policy.mark_saved(0, time.monotonic())
 
@@ -295,7 +305,10 @@ class Checkpointer:
         """
         info = self.latest()
         if info is None:
-            if any((self.run_dir / "checkpoints").glob("step-*")):
+            # only committed names count: a step-N.tmp (a first save cut short by a kill,
+            # e.g. in the background) was never a checkpoint, and must not block a start
+            root = self.run_dir / "checkpoints"
+            if any(STEP_DIR_RE.fullmatch(p.name) for p in root.glob("step-*")):
                 raise ResumeError(
                     f"{self.run_dir}: has checkpoint directories but none verifies (see the "
                     f"warnings above); run `evertrain verify {self.run_dir}`, or start over "
@@ -338,6 +351,7 @@ class Checkpointer:
             owner.load_state_dict(states[keys[name]])
         # opened only now: a refused resume leaves the run directory as it was
         self._open_metrics().rewind(int(info.summary.get("metrics_offset", 0)))
+        self.metrics.start_trackers(self.progress.global_step)  # type: ignore[union-attr]
         self._last_metrics = dict(info.summary.get("metrics", {}))
         self._resumed_from = self.progress.global_step
         self.last_checkpoint, self.last_saved_step = info.path, self.progress.global_step

@@ -287,6 +287,16 @@ class WatchConfig(_Section):
         return self
 
 
+class TrackingConfig(_Section):
+    """Options of the experiment trackers ``report_to`` names (see :mod:`evertrain.trackers`)."""
+
+    project: str | None = None  # MLflow experiment / W&B project; None: the run dir's name
+    # None: $MLFLOW_TRACKING_URI, else sqlite:///RUN/mlflow.db
+    mlflow_tracking_uri: str | None = None
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: `wandb sync` uploads later
+    wandb_entity: str | None = None
+
+
 class RunConfig(_Section):
     """The whole run. ``lora`` absent (``None``) means full fine-tuning."""
 
@@ -297,6 +307,21 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     watch: WatchConfig = Field(default_factory=WatchConfig)
+    # experiment trackers fed the scalars of metrics.jsonl (optional extras)
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Dumped only when set: the stored config of a run from before trackers existed
+        # reads the same, so its resume reports no config change.
+        out = handler(self)
+        if isinstance(out, dict):
+            if not out.get("report_to"):
+                out.pop("report_to", None)
+            if out.get("tracking") == TrackingConfig().model_dump():
+                out.pop("tracking", None)
+        return out  # type: ignore[no-any-return]
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

@@ -43,6 +43,8 @@ FOREIGN_KEYS = {
     "lora_alpha": "lora.alpha",
     "lora_dropout": "lora.dropout",
     "lora_target_modules": "lora.target_modules",
+    "logging_dir": "report_to: [tensorboard] (events go to RUN/tensorboard)",
+    "run_name": "tracking.project (the MLflow experiment / W&B project)",
 }
 
 

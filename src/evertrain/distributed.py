@@ -504,6 +504,9 @@ class NullMetricsLog(MetricsLog):
     def rewind(self, offset: int) -> None:
         pass
 
+    def start_trackers(self, global_step: int) -> None:
+        pass  # trackers report rank 0's numbers only
+
     def write(self, record: dict[str, Any]) -> None:
         pass
 

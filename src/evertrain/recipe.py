@@ -28,6 +28,7 @@ from evertrain.optim import build_optimizer
 from evertrain.rng import seed_everything
 from evertrain.runlock import LOCK_NAME, RunLock
 from evertrain.schedule import LRScheduler
+from evertrain.trackers import make_trackers
 from evertrain.train_settings import TrainSettings, token_loss_sum
 from evertrain.trainer import Trainer
 
@@ -97,6 +98,15 @@ def build_trainer(
     """
     t = cfg.train
     seed_everything(cfg.seed)
+    # a missing tracker package fails here, before the model loads
+    trackers = make_trackers(
+        cfg.report_to,
+        project=cfg.tracking.project,
+        mlflow_tracking_uri=cfg.tracking.mlflow_tracking_uri,
+        wandb_mode=cfg.tracking.wandb_mode,
+        wandb_entity=cfg.tracking.wandb_entity,
+        config=cfg.to_json(),
+    )
     group = distributed.setup(t.device)
     if group.device.type == "cuda":
         # bit-exact resume needs deterministic kernels (cuBLAS's split-K, scatter-add...);
@@ -177,4 +187,5 @@ def build_trainer(
             rank_state=rank_rng,
             summary_fields=summary_fields,
             tokenizer=loaded.tokenizer,
+            trackers=trackers,
         )

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from evertrain.metrics import MetricsLog
 from evertrain.owners import ObjectState
 from evertrain.progress import Progress
 from evertrain.step import backward_step, heldout_loss, step_results
+from evertrain.trackers import Tracker
 from evertrain.train_settings import (
     LossFn,
     Rows,
@@ -90,6 +91,7 @@ class Trainer:
         rank_state: derives a per-rank state the checkpoint lacks (see ``Checkpointer``).
         summary_fields: extra JSON fields for each checkpoint's manifest summary.
         tokenizer: kept for callers that decode or build data (not used by the loop).
+        trackers: experiment trackers fed every ``metrics.jsonl`` record (see ``Checkpointer``).
 
     Raises:
         ConfigError: ``train_data`` is empty.
@@ -122,6 +124,7 @@ class Trainer:
         rank_state: Callable[[str, Mapping[str, Any]], dict[str, Any]] | None = None,
         summary_fields: Callable[[], Mapping[str, Any]] | None = None,
         tokenizer: Any = None,
+        trackers: Sequence[Tracker] = (),
     ) -> None:
         self.settings = s = settings or TrainSettings()
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -180,6 +183,7 @@ class Trainer:
             min_free_bytes=c.min_free_bytes,
             summary=self._summary,
             group=self.dist,
+            trackers=trackers,
         )
         if resume_from is not False:
             chosen = resume_from if isinstance(resume_from, CheckpointInfo) else None

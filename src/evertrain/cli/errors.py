@@ -17,6 +17,7 @@ def user_errors() -> Iterator[None]:
     from evertrain.checkpoint import CheckpointError
     from evertrain.data import DataError
     from evertrain.runlock import RunDirNotWritableError, RunLockedError
+    from evertrain.trackers import TrackerError
     from evertrain.trainer import ResumeError
 
     try:
@@ -29,6 +30,7 @@ def user_errors() -> Iterator[None]:
         ResumeError,
         RunLockedError,
         RunDirNotWritableError,
+        TrackerError,
         FileNotFoundError,
     ) as e:
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)

@@ -64,9 +64,15 @@ def serve(
         DashboardError: ``run_dir`` is not a directory, the port cannot be bound, or the
             token file is unusable.
     """
-    import uvicorn
+    try:
+        import uvicorn
 
-    from evertrain.dashboard.app import create_app
+        from evertrain.dashboard.app import create_app
+    except ImportError as e:  # the web server is an optional extra
+        raise DashboardError(
+            f"the dashboard needs {e.name or 'starlette and uvicorn'}, which is not installed: "
+            f"pip install 'evertrain[ui]'"
+        ) from None
 
     out = out or sys.stdout
     run_dir = Path(run_dir)

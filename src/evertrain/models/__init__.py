@@ -19,6 +19,7 @@ from evertrain.models.errors import ModelCacheError, ModelSourceError
 from evertrain.models.export import adapter_config, merge_and_save, save_peft_adapter
 from evertrain.models.lora import apply_lora, default_target_modules
 from evertrain.models.offline import hub_offline
+from evertrain.models.sources import SMOLLM2_HUB_NAME
 from evertrain.models.trainable import (
     is_peft_model,
     load_trainable_state,
@@ -123,6 +124,9 @@ def _load_model(cfg: ModelConfig, lora: LoraConfig | None) -> LoadedModel:
 
         model, tok, identity = load_hf_dir(src, cfg.dtype, cfg.kind)
     if lora is not None:
-        model = apply_lora(model, lora)
+        # the adapter names its base as people find it: SmolLM2's hub name, else the source
+        # as the config gives it (never evertrain's cache path)
+        public = SMOLLM2_HUB_NAME if src == "smollm2-135m" else None if src == "tiny" else src
+        model = apply_lora(model, lora, public)
     model.train()  # from_pretrained returns eval mode; dropout must match the config
     return LoadedModel(model=model, tokenizer=tok, identity=identity)

