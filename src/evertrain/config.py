@@ -522,7 +522,7 @@ def config_from_json(data: dict[str, Any]) -> RunConfig:
 # Keys whose change breaks bit-exactness or tensor shapes: refused on resume unless the user
 # passes --allow-config-change. Prefix match on the dotted path. data.files is not here: a
 # moved checkout changes the paths, and the data cursor refuses changed content by its
-# fingerprint anyway.
+# fingerprint anyway; nor data.chat_template, for the same reasons (it may be a path).
 BREAKING_PREFIXES = (
     "seed",
     "model.source",
@@ -537,7 +537,6 @@ BREAKING_PREFIXES = (
     "data.text_split",
     "data.val_fraction",
     "data.columns",
-    "data.chat_template",
     "train.micro_batch_size",
     "train.grad_accum_steps",
     "train.optimizer",
