@@ -112,6 +112,9 @@ def test_alpaca_errors_name_the_field() -> None:
         validate_record(rec({"instruction": "x", "input": 3, "output": "z"}), "alpaca")
     with pytest.raises(DataError, match="ambiguous.*'text', 'alpaca'"):
         detect_format(rec({"text": "t", "instruction": "x", "output": "z"}))
+    assert detect_format(rec({"text": "t", "output": "metadata"})) == "text"
+    with pytest.raises(DataError, match="field 'output': missing"):
+        validate_record(rec({"instruction": "x"}), detect_format(rec({"instruction": "x"})))
 
 
 # --------------------------------------------------------------------------- sharegpt

@@ -89,8 +89,9 @@ def _err(rec: Record, field: str | None, problem: str) -> DataError:
 
 
 def detect_format(rec: Record) -> RecordFormat:
-    """The format implied by ``rec``'s keys (``input`` alone implies nothing: it is
-    optional in Alpaca records).
+    """The format implied by ``rec``'s keys. Alpaca records are recognised by
+    ``instruction``: ``output`` and ``input`` alone imply nothing (common metadata names
+    next to a ``text`` field, which must stay a text record).
 
     Raises:
         DataError: no known key set, or the keys of more than one format.
@@ -103,7 +104,7 @@ def detect_format(rec: Record) -> RecordFormat:
         found.append("prompt_completion")
     if "messages" in keys:
         found.append("messages")
-    if "instruction" in keys or "output" in keys:
+    if "instruction" in keys:
         found.append("alpaca")
     if "conversations" in keys:
         found.append("sharegpt")
