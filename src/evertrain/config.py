@@ -21,10 +21,12 @@ from pydantic import (
     PrivateAttr,
     SerializerFunctionWrapHandler,
     ValidationError,
+    field_validator,
     model_serializer,
     model_validator,
 )
 
+from evertrain.config_data import check_chat_template, check_columns, is_template_path
 from evertrain.config_hints import suggestion
 from evertrain.config_yaml import UniqueKeyLoader
 
@@ -128,10 +130,23 @@ DEFAULT_MAX_RECORD_BYTES = 1_000_000
 
 
 class DataConfig(_Section):
-    """Training data: files, record format, tokenisation and the train/val split."""
+    """Training data: files, record format, tokenisation and the train/val split.
+
+    ``format``: ``auto`` (detected per file from the first record's keys), ``text``,
+    ``prompt_completion``, ``messages``, ``alpaca`` or ``sharegpt`` (see
+    :mod:`evertrain.data.formats` and :mod:`evertrain.data.dialects`).
+
+    ``columns``: ``{our field: the data's column}``, e.g. ``{prompt: question, completion:
+    answer}``: each record's column is read as that field (before the format is detected).
+    Fields: :data:`~evertrain.config_data.DATA_FIELDS`. Dumped only when set.
+
+    ``chat_template``: a Jinja chat template, or the path of a ``.jinja`` file holding one,
+    for ``messages``/``sharegpt`` data: set on the tokenizer in place of its own (or of the
+    built-in fallback of a tokenizer that has none). Dumped only when set.
+    """
 
     files: list[str] = Field(default_factory=list)
-    format: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
+    format: Literal["auto", "text", "prompt_completion", "messages", "alpaca", "sharegpt"] = "auto"
     seq_len: int = Field(128, gt=1)
     packing: bool = True  # pack documents into seq_len sequences; False = one per row, padded
     text_split: Literal["documents", "chunks"] = "documents"  # plain .txt files
@@ -141,6 +156,8 @@ class DataConfig(_Section):
     # a larger record (e.g. one JSONL line) is a bad record, refused before it is parsed
     max_record_bytes: int = Field(DEFAULT_MAX_RECORD_BYTES, gt=0)
     cache_dir: str | None = None  # tokenised-data cache; None = no cache
+    columns: dict[str, str] = Field(default_factory=dict)
+    chat_template: str | None = None
     # model.kind, copied in by RunConfig (not a key of its own): how documents become rows
     _model_kind: ModelKind = PrivateAttr("causal")
 
@@ -151,7 +168,23 @@ class DataConfig(_Section):
         out = handler(self)
         if isinstance(out, dict) and out.get("max_record_bytes") == DEFAULT_MAX_RECORD_BYTES:
             del out["max_record_bytes"]
+        if isinstance(out, dict) and not out.get("columns"):
+            out.pop("columns", None)
+        if isinstance(out, dict) and out.get("chat_template") is None:
+            out.pop("chat_template", None)
         return out  # type: ignore[no-any-return]
+
+    @field_validator("columns")
+    @classmethod
+    def _check_columns(cls, v: dict[str, str]) -> dict[str, str]:
+        check_columns(v)
+        return v
+
+    @field_validator("chat_template")
+    @classmethod
+    def _check_chat_template(cls, v: str | None) -> str | None:
+        check_chat_template(v)
+        return v
 
     @property
     def model_kind(self) -> ModelKind:
@@ -343,7 +376,7 @@ class RunConfig(_Section):
                 f"model.kind: seq2seq needs model.source tiny or a local Hugging Face "
                 f"encoder-decoder directory; {m.source!r} is a causal model"
             )
-        if d.format in ("text", "messages"):
+        if d.format in ("text", "messages", "sharegpt"):
             raise ValueError(
                 f"data.format: {d.format!r} has no encoder input for a seq2seq model; use "
                 f"prompt_completion records (prompt -> encoder, completion -> decoder)"
@@ -375,6 +408,8 @@ def _format_error(err: ValidationError, origin: str) -> ConfigError:
         return ConfigError(f"{origin}: {first['ctx']['error']}{more}")
     path = ".".join(str(p) for p in first["loc"]) or "(top level)"
     msg = first["msg"]
+    if first["type"] == "value_error":  # pydantic's "Value error, " prefix says nothing
+        msg = str(first["ctx"]["error"])
     if first["type"] == "extra_forbidden":
         msg = "unknown key" + suggestion(RunConfig, [str(p) for p in first["loc"]])
     elif "input" in first and first["type"] != "missing":
@@ -440,8 +475,9 @@ def load_config(
         source: path to a YAML file, a ``dict``, or an OmegaConf ``DictConfig``.
         overrides: ``dotted.key=value`` strings applied before validation.
 
-    Relative ``data.files``, ``model.source`` and ``*.cache_dir`` paths in a YAML file are
-    resolved against the file's directory, so a config works from any working directory.
+    Relative ``data.files``, ``model.source``, ``*.cache_dir`` and ``data.chat_template``
+    (``.jinja`` file) paths in a YAML file are resolved against the file's directory, so a
+    config works from any working directory.
 
     Raises:
         ConfigError: unreadable file, invalid YAML, unknown key, wrong type or impossible
@@ -489,6 +525,9 @@ def load_config(
         for section in (cfg.data, cfg.model):
             if section.cache_dir and not Path(section.cache_dir).expanduser().is_absolute():
                 section.cache_dir = str((base / section.cache_dir).resolve())
+        tpl = cfg.data.chat_template
+        if tpl is not None and is_template_path(tpl) and not Path(tpl).expanduser().is_absolute():
+            cfg.data.chat_template = str((base / tpl.strip()).resolve())
         src = cfg.model.source
         if ("/" in src or src.endswith(".gguf")) and not Path(src).is_absolute():
             cfg.model.source = str((base / src).resolve())
@@ -508,7 +547,7 @@ def config_from_json(data: dict[str, Any]) -> RunConfig:
 # Keys whose change breaks bit-exactness or tensor shapes: refused on resume unless the user
 # passes --allow-config-change. Prefix match on the dotted path. data.files is not here: a
 # moved checkout changes the paths, and the data cursor refuses changed content by its
-# fingerprint anyway.
+# fingerprint anyway; nor data.chat_template, for the same reasons (it may be a path).
 BREAKING_PREFIXES = (
     "seed",
     "model.source",
@@ -522,6 +561,7 @@ BREAKING_PREFIXES = (
     "data.packing",
     "data.text_split",
     "data.val_fraction",
+    "data.columns",
     "train.micro_batch_size",
     "train.grad_accum_steps",
     "train.optimizer",

@@ -481,6 +481,10 @@ def evaluate_run(
     from evertrain.distributed import resolve_device
 
     model.to(resolve_device(cfg.train.device))
+    from evertrain.data.encode import use_chat_template
+
+    # the samples' prompts are rendered as training rendered its chat data
+    use_chat_template(tok, cfg.data.chat_template)
     val, data_report = None, None
     stream = None if config is not None else restored.states.get("stream")
     if cfg.data.files:

@@ -1,5 +1,10 @@
 """The data pipeline: files -> validated documents -> train/val split -> token rows -> batches.
 
+Files: JSONL, JSON, CSV, Parquet, plain text (:mod:`.records`) and ``datasets``
+``save_to_disk`` directories (:mod:`.hf_datasets`); formats ``text``,
+``prompt_completion``, ``messages`` (:mod:`.formats`) and the ``alpaca``/``sharegpt``
+dialects read into them (:mod:`.dialects`), after ``data.columns``.
+
 - :func:`build_datasets`: read, validate, split, tokenise and pack ``data.files``.
 - :func:`validate_file`: validate one file without a tokenizer (for a daemon's intake).
 - :class:`TokenizedDataset`: fixed-length rows (``input_ids``, ``labels``, ``attention_mask``).

@@ -1,5 +1,10 @@
 """Build the training and validation sets from ``data.files``: read, validate, split, tokenise,
-pack or pad, optionally through the on-disk cache."""
+pack or pad, optionally through the on-disk cache.
+
+A ``data.files`` entry is a file (see :mod:`.records`) or a directory written by Hugging Face
+``datasets``' ``save_to_disk`` (see :mod:`.hf_datasets`). Each raw record goes through
+``data.columns`` (:func:`~.dialects.map_columns`; not for plain text files, whose records
+have no columns), then format detection and validation (:mod:`.formats`)."""
 
 from __future__ import annotations
 
@@ -13,9 +18,11 @@ import xxhash
 from evertrain.config import DataConfig, ModelKind
 from evertrain.data import cache
 from evertrain.data.dataset import TokenizedDataset
-from evertrain.data.encode import Encoder, tokenizer_identity
+from evertrain.data.dialects import decode_json_lists, map_columns
+from evertrain.data.encode import Encoder, tokenizer_identity, use_chat_template
 from evertrain.data.errors import DataError
-from evertrain.data.formats import Document, Format, detect_format, validate_record
+from evertrain.data.formats import Document, RecordFormat, detect_format, validate_record
+from evertrain.data.hf_datasets import dir_bytes, hash_dir, is_dataset_dir, iter_dataset_records
 from evertrain.data.pack import pack, pad_rows, pad_seq2seq
 from evertrain.data.records import file_kind, iter_records, read_bytes
 from evertrain.data.report import MAX_REASONS, DataReport, FileReport, SplitReport
@@ -44,20 +51,39 @@ def _seq2seq_format_error(name: str, fmt: str, line: int | None = None) -> DataE
     )
 
 
+def read_source(path: str | Path) -> bytes | None:
+    """The bytes of data file ``path``, or None for a ``datasets`` directory (read from disk
+    by :func:`read_documents`).
+
+    Raises:
+        DataError: missing, unreadable or empty; a directory that ``datasets`` did not write.
+    """
+    if is_dataset_dir(path):
+        return None
+    if Path(path).is_dir():
+        raise DataError(
+            "is a directory, but not one written by Hugging Face datasets' save_to_disk "
+            "(no dataset_info.json + state.json, nor dataset_dict.json); list the data "
+            "files themselves",
+            file=str(path),
+        )
+    return read_bytes(path)
+
+
 def read_documents(
     path: str | Path,
-    data: bytes,
+    data: bytes | None,
     cfg: DataConfig,
     policy: Policy | None = None,
     kind: ModelKind | None = None,
 ) -> tuple[FileReport, list[Document]]:
-    """Parse and validate every record of one file.
+    """Parse and validate every record of one file (or ``datasets`` directory).
 
     Args:
         path: the file (for its extension and for messages).
-        data: its bytes.
-        cfg: ``format``, ``text_split``, ``seq_len`` (chunk size) and ``max_record_bytes``
-            are used.
+        data: its bytes, or None for a ``datasets`` directory (see :func:`read_source`).
+        cfg: ``format``, ``columns``, ``text_split``, ``seq_len`` (chunk size) and
+            ``max_record_bytes`` are used.
         policy: ``"fail"`` or ``"skip"``; default ``cfg.on_bad_record``.
         kind: the model kind the documents are for; default ``cfg.model_kind``.
 
@@ -72,34 +98,43 @@ def read_documents(
     policy = policy or cfg.on_bad_record
     kind = kind or cfg.model_kind
     name = str(path)
-    file_type = file_kind(path)
-    fmt: Format | None = None if cfg.format == "auto" else cfg.format
+    file_type = "dataset" if data is None else file_kind(path)
+    fmt: RecordFormat | None = None if cfg.format == "auto" else cfg.format
     if file_type == "text" and fmt not in (None, "text"):
         raise DataError(
             f"plain text files hold text records, but data.format is {fmt!r}",
             file=name,
             hint="use a .jsonl file for that format, or format: auto",
         )
-    if kind == "seq2seq" and (file_type == "text" or fmt not in (None, "prompt_completion")):
+    if kind == "seq2seq" and (
+        file_type == "text" or fmt not in (None, "prompt_completion", "alpaca")
+    ):
         raise _seq2seq_format_error(name, fmt or "text")
     report = FileReport(
         path=name,
         format=fmt or "unknown",
-        bytes=len(data),
-        content_hash=xxhash.xxh3_128_hexdigest(data),
+        bytes=dir_bytes(path) if data is None else len(data),
+        content_hash=hash_dir(path) if data is None else xxhash.xxh3_128_hexdigest(data),
     )
     docs: list[Document] = []
-    records = iter_records(
-        path,
-        data,
-        text_split=cfg.text_split,
-        chunk_chars=chunk_chars(cfg),
-        max_record_bytes=cfg.max_record_bytes,
-    )
+    if data is None:
+        records = iter_dataset_records(path, cfg.max_record_bytes)
+    else:
+        records = iter_records(
+            path,
+            data,
+            text_split=cfg.text_split,
+            chunk_chars=chunk_chars(cfg),
+            max_record_bytes=cfg.max_record_bytes,
+        )
     for item in records:
         try:
             if isinstance(item, DataError):
                 raise item
+            if file_type != "text":
+                item = map_columns(item, cfg.columns)
+            if file_type == "csv":
+                item = decode_json_lists(item)
             if fmt is None:
                 fmt = detect_format(item)
             doc = validate_record(item, fmt)
@@ -140,10 +175,18 @@ def validate_file(path: str | Path, cfg: DataConfig, policy: Policy | None = Non
     Raises:
         DataError: see :func:`read_documents`.
     """
-    return read_documents(path, read_bytes(path), cfg, policy)[0]
+    return read_documents(path, read_source(path), cfg, policy)[0]
 
 
 def _hash_file(path: str) -> str:
+    """xxh3-128 hex digest of a data file's bytes, or of a directory's files
+    (:func:`~.hf_datasets.hash_dir`).
+
+    Raises:
+        DataError: missing or unreadable.
+    """
+    if Path(path).is_dir():
+        return hash_dir(path)
     h = xxhash.xxh3_128()
     try:
         with open(path, "rb") as f:
@@ -186,6 +229,9 @@ def build_datasets(
 ) -> tuple[TokenizedDataset, TokenizedDataset, DataReport]:
     """Read every file of ``cfg.files``, validate, split, tokenise and pack (or pad).
 
+    ``cfg.chat_template``, if set, is set on ``tokenizer`` first (see
+    :func:`~.encode.use_chat_template`).
+
     Order: files in ``cfg.files`` order, records in file order; each document goes to train or
     validation by :func:`~evertrain.data.split.is_validation` (content hash and ``seed``,
     before packing), then each side is tokenised (:mod:`~evertrain.data.encode`) and laid
@@ -203,13 +249,15 @@ def build_datasets(
 
     Raises:
         DataError: no files, a bad file or record (per ``cfg.on_bad_record``), a file with
-            no valid record, no training rows at all, or (seq2seq) records that are not
-            ``prompt_completion``.
+            no valid record, no training rows at all, (seq2seq) records that are not
+            ``prompt_completion``, or a ``data.chat_template`` that cannot be read or parsed.
         ValueError: the tokenizer has no eos token.
     """
     kind = kind or cfg.model_kind
     if not cfg.files:
         raise DataError("data.files is empty: list at least one data file")
+    # before the cache key: the template in use is part of the tokenizer's identity
+    use_chat_template(tokenizer, cfg.chat_template)
     encoder = Encoder(tokenizer)
     key: str | None = None
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
@@ -237,8 +285,7 @@ def build_datasets(
     train_docs: list[Document] = []
     val_docs: list[Document] = []
     for f, expected in zip(cfg.files, hashes, strict=True):
-        data = read_bytes(f)
-        fr, docs = read_documents(f, data, cfg, kind=kind)
+        fr, docs = read_documents(f, read_source(f), cfg, kind=kind)
         if expected is not None and fr.content_hash != expected:
             raise DataError("the file changed while it was being read; retry", file=f)
         report.files.append(fr)

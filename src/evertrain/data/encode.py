@@ -17,10 +17,15 @@ token ``i`` is a training target. Rules:
   prefixes of each other (e.g. ones that rewrite earlier turns) are rejected with a
   :class:`DataError`. ``eos`` is appended unless the last assistant turn (or what follows it)
   already contains it; it is a target when the last message is the assistant's.
-- Tokenizers without a chat template use the fallback template
-  ``"<|{role}|>\\n{content}\\n"`` per message (generation prompt ``"<|assistant|>\\n"``),
-  tokenised as literal text, with ``eos`` appended; targets are each assistant's
-  ``content + "\\n"`` (and ``eos`` after a final assistant turn).
+- ``data.chat_template`` (a Jinja template, or a ``.jinja`` file) replaces the tokenizer's
+  own template: :func:`use_chat_template` sets it on the tokenizer, so it is what
+  ``apply_chat_template`` renders and what :func:`tokenizer_identity` (the cache key)
+  hashes.
+- Tokenizers without a chat template (and no ``data.chat_template``) use the fallback
+  template ``"<|{role}|>\\n{content}\\n"`` per message (generation prompt
+  ``"<|assistant|>\\n"``), tokenised as literal text, with ``eos`` appended; targets are
+  each assistant's ``content + "\\n"`` (and ``eos`` after a final assistant turn). A
+  WARNING naming it is logged the first time a process uses it.
 
 Seq2seq models (:meth:`Encoder.encode_seq2seq`, ``prompt_completion`` only): the encoder
 input is ``[bos] + tokens(prompt) + [eos]`` (T5's own convention: ``prompt</s>``) and the
@@ -35,17 +40,102 @@ strike-through tag) must stay text, not become a premature ``eos``.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import xxhash
 
+from evertrain.config_data import is_template_path
 from evertrain.data.errors import DataError
 from evertrain.data.formats import Document
+
+log = logging.getLogger("evertrain.data")
 
 FALLBACK_TEMPLATE = "<|{role}|>\n{content}\n"
 FALLBACK_GENERATION_PROMPT = "<|assistant|>\n"
 _BATCH = 512
+# one warning per process (a run) is enough: the daemon builds every file anew
+_fallback_warned = False
+
+
+def _warn_fallback() -> None:
+    global _fallback_warned
+    if _fallback_warned:
+        return
+    _fallback_warned = True
+    log.warning(
+        "the tokenizer has no chat template: chat data is rendered with evertrain's "
+        "built-in template %r per message (generation prompt %r); set data.chat_template "
+        "to train with another",
+        FALLBACK_TEMPLATE,
+        FALLBACK_GENERATION_PROMPT,
+    )
+
+
+def resolve_chat_template(value: str | None) -> str | None:
+    """The template text of a ``data.chat_template`` value: the value itself, or the
+    content of the ``.jinja`` file it names (see :func:`~evertrain.config_data.is_template_path`).
+
+    Raises:
+        DataError: the file is missing, unreadable, not UTF-8 or empty; the template is
+            not valid Jinja (names the template's line).
+    """
+    if value is None:
+        return None
+    origin = "data.chat_template"
+    text = value
+    if is_template_path(value):
+        path = Path(value.strip()).expanduser()
+        origin = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise DataError(
+                "chat template file not found (check data.chat_template)", file=origin
+            ) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read the chat template: {e}", file=origin) from None
+        if not text.strip():
+            raise DataError("empty chat template file (data.chat_template)", file=origin)
+    _check_jinja(text, origin)
+    return text
+
+
+def _check_jinja(text: str, origin: str) -> None:
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    # the environment transformers renders chat templates in, less its own
+    # {% generation %} tag (a template using it is left to transformers to judge)
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    try:
+        env.parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        if "generation" in str(e.message):
+            return
+        raise DataError(
+            f"invalid Jinja chat template (data.chat_template): {e.message} at template "
+            f"line {e.lineno}",
+            file=origin,
+        ) from None
+
+
+def use_chat_template(tokenizer: Any, value: str | None) -> None:
+    """Set ``data.chat_template`` (``value``; None: leave the tokenizer as it is) on
+    ``tokenizer``, in place of its own template.
+
+    Raises:
+        DataError: see :func:`resolve_chat_template`.
+    """
+    text = resolve_chat_template(value)
+    if text is not None:
+        tokenizer.chat_template = text
+
 
 Encoded = tuple[list[int], list[bool]]
 Seq2SeqEncoded = tuple[list[int], list[int]]  # (encoder input ids, decoder target ids)
@@ -163,6 +253,7 @@ class Encoder:
 
     def _render(self, doc: Document, msgs: Sequence[tuple[str, str]], gen: bool) -> str:
         if self.chat_template is None:
+            _warn_fallback()
             body = "".join(FALLBACK_TEMPLATE.format(role=r, content=c) for r, c in msgs)
             return body + (FALLBACK_GENERATION_PROMPT if gen else "")
         try:

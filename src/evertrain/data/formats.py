@@ -6,6 +6,15 @@ Formats (``data.format``, or detected per file from the first parsed record's ke
 - ``prompt_completion``: ``{"prompt": str, "completion": str}``; loss on the completion only.
 - ``messages``: ``{"messages": [{"role": str, "content": str}, ...]}``; rendered with the
   tokenizer's chat template; loss on assistant turns only.
+- ``alpaca``: ``{"instruction": str, "input": str (optional), "output": str}``, read as a
+  ``prompt_completion`` document (the Stanford Alpaca prompt; see :mod:`.dialects`).
+- ``sharegpt``: ``{"conversations": [{"from": str, "value": str}, ...]}``, read as a
+  ``messages`` document (see :mod:`.dialects`).
+
+A document's ``kind`` is always one of the first three (:data:`FORMATS`): the two dialects
+only change how a record is read, so the split, the cache and the encoder are the same for
+them. ``data.columns`` renames a record's columns before any of this
+(:func:`~.dialects.map_columns`).
 
 Other keys of a record (``id``, ``source``, ...) are ignored. A record with the keys of two
 formats (e.g. ``text`` and ``messages``) is ambiguous and rejected under ``format: auto``.
@@ -26,6 +35,9 @@ from evertrain.data.records import Record
 
 Format = Literal["text", "prompt_completion", "messages"]
 FORMATS: tuple[Format, ...] = ("text", "prompt_completion", "messages")
+# What a file can hold (data.format): the document kinds plus the dialects read into them.
+RecordFormat = Literal["text", "prompt_completion", "messages", "alpaca", "sharegpt"]
+RECORD_FORMATS: tuple[RecordFormat, ...] = (*FORMATS, "alpaca", "sharegpt")
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f]")
@@ -76,31 +88,38 @@ def _err(rec: Record, field: str | None, problem: str) -> DataError:
     )
 
 
-def detect_format(rec: Record) -> Format:
-    """The format implied by ``rec``'s keys.
+def detect_format(rec: Record) -> RecordFormat:
+    """The format implied by ``rec``'s keys. Alpaca records are recognised by
+    ``instruction``: ``output`` and ``input`` alone imply nothing (common metadata names
+    next to a ``text`` field, which must stay a text record).
 
     Raises:
         DataError: no known key set, or the keys of more than one format.
     """
     keys = set(rec.data)
-    found: list[Format] = []
+    found: list[RecordFormat] = []
     if "text" in keys:
         found.append("text")
     if "prompt" in keys or "completion" in keys:
         found.append("prompt_completion")
     if "messages" in keys:
         found.append("messages")
+    if "instruction" in keys:
+        found.append("alpaca")
+    if "conversations" in keys:
+        found.append("sharegpt")
     if len(found) == 1:
         return found[0]
     shown = sorted(keys)[:10]
     if not found:
         raise DataError(
             f"cannot detect the record format from keys {shown}: expected 'text', "
-            "'prompt' + 'completion', or 'messages'",
+            "'prompt' + 'completion', 'messages', 'instruction' + 'output' (alpaca) or "
+            "'conversations' (sharegpt)",
             file=rec.file,
             line=rec.line,
             unit=rec.unit,
-            hint="rename the columns, or set data.format",
+            hint="rename the columns or map them with data.columns, or set data.format",
         )
     raise DataError(
         f"ambiguous record format: keys {shown} match formats {found}",
@@ -136,14 +155,20 @@ def _get(rec: Record, key: str, fmt: str) -> Any:
     return rec.data[key]
 
 
-def validate_record(rec: Record, fmt: Format) -> Document:
+def validate_record(rec: Record, fmt: RecordFormat) -> Document:
     """Check ``rec`` against ``fmt`` and return its :class:`Document`.
 
     Raises:
         DataError: a missing field, a wrong type, empty text, binary content, an unknown
             role, a conversation without an assistant turn; the message names file, line and
-            field (e.g. ``messages[2].content``).
+            field (e.g. ``messages[2].content``, ``conversations[1].from``).
     """
+    if fmt in ("alpaca", "sharegpt"):
+        from evertrain.data import dialects  # it builds on this module's checks
+
+        if fmt == "alpaca":
+            return dialects.alpaca_document(rec)
+        return dialects.sharegpt_document(rec)
     if fmt == "text":
         text = _string(rec, "text", _get(rec, "text", fmt))
         return Document(rec.file, rec.line, rec.unit, "text", text=text)

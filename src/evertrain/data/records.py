@@ -1,6 +1,7 @@
 """Readers: turn the bytes of one data file into raw records that remember where they came from.
 
-Supported files (chosen by extension, case-insensitive):
+Supported files (chosen by extension, case-insensitive; directories written by ``datasets``
+are read by :mod:`.hf_datasets`):
 
 - ``.jsonl`` / ``.ndjson``: one JSON object per line; blank lines are ignored.
 - ``.json``: one JSON list of objects; each record's line is the line its object starts on.
