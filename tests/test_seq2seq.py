@@ -297,7 +297,7 @@ def test_packing_and_text_records_are_refused_in_one_line(tmp_path: Path, t5_dir
 
 
 def test_kind_is_part_of_the_model_identity_and_a_breaking_change() -> None:
-    from evertrain.config import breaking_changes, diff_configs
+    from evertrain.config_diff import breaking_changes, diff_configs
     from evertrain.model_state import ModelState
     from evertrain.state import StateError
 

@@ -19,7 +19,8 @@ import torch
 from evertrain import distributed
 from evertrain.batching import grad_accum_for_resume
 from evertrain.checkpoint.ranks import choose_checkpoint, rng_state_for_rank
-from evertrain.config import RunConfig, breaking_changes
+from evertrain.config import RunConfig
+from evertrain.config_diff import breaking_changes
 from evertrain.data import DataCursor, build_datasets
 from evertrain.fsdp import enable_gradient_checkpointing, shard_model
 from evertrain.model_state import AdapterConfigState, ModelState

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from evertrain.checkpoint.ranks import saved_world_size
-from evertrain.config import diff_configs
+from evertrain.config_diff import diff_configs
 from evertrain.config_json import refused_changes
 from evertrain.versions import versions
 
