@@ -116,6 +116,11 @@ def summary() -> None:
             ("sharded save throughput / raw write", q["save_throughput_vs_raw_write"], ">= 0.8"),
             ("sharded load 2->3 ranks speed-up vs DCP", q["load_2to3_speedup_vs_dcp"], ""),
         ]
+    if "threads" in r:
+        for job, q in r["threads"]["jobs"].items():
+            rows.append(
+                (f"tokens/s at the default threads / best count ({job})", q["default_vs_best"], "")
+            )
     width = max(len(n) for n, _, _ in rows)
     print("\nTargets (pairwise medians):")
     for name, value, target in rows:
@@ -140,6 +145,7 @@ def main() -> None:
             *(["--steps", "100"] if a.quick else []),
         )
         run("bench_sharded.py", "--repeats", "1" if a.quick else "3")
+        run("bench_threads.py", "--repeats", "1" if a.quick else "3", *(["--quick"] * a.quick))
         print(f"\nall benchmarks: {time.perf_counter() - t0:.0f} s")
     summary()
 

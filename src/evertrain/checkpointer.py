@@ -34,7 +34,7 @@ from evertrain.checkpoint import (
     SavePolicy,
 )
 from evertrain.checkpoint.format import STEP_DIR_RE
-from evertrain.checkpoint.ranks import choose_checkpoint, rank_owner, save_ranked
+from evertrain.checkpoint.ranks import choose_checkpoint, save_ranked
 from evertrain.config_json import config_to_json
 from evertrain.distributed import Group, NullMetricsLog, current_group
 from evertrain.metrics import MetricsLog
@@ -46,12 +46,11 @@ from evertrain.owners import (
     optimizer_owner,
 )
 from evertrain.progress import Progress
-from evertrain.resume_checks import ResumeError, check_config, check_world_size, warn_versions
+from evertrain.resume_checks import ResumeError
+from evertrain.resume_states import RANK_SUFFIX, owner_states
 from evertrain.rng import RNGState
 from evertrain.runlock import LOCK_NAME, RunLock
-from evertrain.sharded import lazy_sharded, merge_sharded
 from evertrain.signals import on_stop_signals
-from evertrain.state import StateError
 from evertrain.trackers import Tracker
 from evertrain.versions import versions
 
@@ -60,7 +59,6 @@ log = logging.getLogger("evertrain")
 # Owners every rank saves for itself: RNG streams and data positions differ between ranks.
 PER_RANK = ("data", "rng")
 EXTRA_NAME = re.compile(r"[a-z0-9_]+")
-RANK_SUFFIX = re.compile(r"_rank[0-9]+$")
 RESERVED = frozenset(
     {"model", "optimizer", "scheduler", "data", "rng", "progress", "config", "versions"}
 )
@@ -316,39 +314,12 @@ class Checkpointer:
                 )
             self.start_fresh()
             return 0
-        # a sharded owner of this run reads only its own box of each tensor (LazyShards);
-        # anything else sharded (an FSDP2 checkpoint resumed unsharded) is merged whole
-        lazy = lazy_sharded(
-            info.path, [n for n, o in self.owners.items() if getattr(o, "sharded", False)]
-        )
-        states: dict[str, Any] = self.manager.load(
-            info, (lambda o: RANK_SUFFIX.sub("", o) not in lazy) if lazy else None
-        ).states
-        merge_sharded(states)
-        states.update(lazy)
-        check_config(self.config, states.get("config", {}).get("config"), info.path,
-                     self.allow_config_change)  # fmt: skip
-        check_world_size(states, info.path, self.group.world_size, self.rank_state is not None)
-        warn_versions(states.get("versions", {}))
-        sharded = {n for n, o in self.owners.items() if getattr(o, "sharded", False)}
-        for name in self.per_rank:
-            key = rank_owner(name, self.group.rank)
-            if name not in sharded and key not in states and self.rank_state is not None:
-                states[key] = self.rank_state(name, states)
-        keys = {
-            name: rank_owner(name, self.group.rank)
-            if name in self.per_rank and name not in sharded
-            else name
-            for name in self.owners
-        }
-        for name, key in keys.items():
-            if key not in states:
-                raise StateError(
-                    f"{name}: {info.path} holds no state for it (it was written without "
-                    f"{name}=); pass the same owners as the run that wrote it"
-                )
+        states = owner_states(
+            self.manager, info, self.owners, self.per_rank, self.group, self.rank_state,
+            self.config, self.allow_config_change,
+        )  # fmt: skip
         for name, owner in self.owners.items():
-            owner.load_state_dict(states[keys[name]])
+            owner.load_state_dict(states[name])
         # opened only now: a refused resume leaves the run directory as it was
         self._open_metrics().rewind(int(info.summary.get("metrics_offset", 0)))
         self.metrics.start_trackers(self.progress.global_step)  # type: ignore[union-attr]
@@ -480,6 +451,7 @@ class Checkpointer:
             "metrics": self._last_metrics,
             "time": time.time(),
             "metrics_offset": self.metrics.offset(),
+            "torch_threads": torch.get_num_threads(),
             **self.summary_fields(),
         }
         protect = [self._resumed_from] if self._resumed_from else []

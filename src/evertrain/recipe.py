@@ -29,6 +29,7 @@ from evertrain.optim import build_optimizer
 from evertrain.rng import seed_everything
 from evertrain.runlock import LOCK_NAME, RunLock
 from evertrain.schedule import LRScheduler
+from evertrain.threads import apply_threads
 from evertrain.trackers import make_trackers
 from evertrain.train_settings import TrainSettings, token_loss_sum
 from evertrain.trainer import Trainer
@@ -118,6 +119,8 @@ def build_trainer(
     # Trainer's Checkpointer from its construction on (a shared reference)
     with RunLock(Path(run_dir) / LOCK_NAME) if group.rank == 0 else contextlib.nullcontext():
         loaded = load_model(cfg.model, cfg.lora)
+        if cfg.model.num_threads is None and cfg.data.num_workers:
+            apply_threads(None, cfg.data.num_workers)  # leave a core per loader worker
         model = loaded.model.to(group.device)
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(model)

@@ -79,3 +79,19 @@ def warn_versions(stored: Mapping[str, Any]) -> None:
             "be bit-identical",
             ", ".join(f"{k} {a} -> {b}" for k, (a, b) in sorted(differ.items())),
         )
+
+
+def warn_threads(saved: Any) -> None:
+    """Warn when torch's intra-op thread count differs from the one the checkpoint was
+    saved with (``summary.torch_threads``): CPU kernels may split sums differently, so the
+    resumed run may differ from an uninterrupted one in the last bits."""
+    import torch
+
+    now = torch.get_num_threads()
+    if isinstance(saved, int) and saved != now:
+        log.warning(
+            "the checkpoint was saved with %d torch threads, this process has %d: the resumed "
+            "run may not be bit-identical on CPU (set model.num_threads: %d, or "
+            "torch.set_num_threads(%d), for an exact resume)",
+            saved, now, saved, saved,
+        )  # fmt: skip

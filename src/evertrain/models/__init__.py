@@ -27,6 +27,7 @@ from evertrain.models.trainable import (
     trainable_state,
     unwrap,
 )
+from evertrain.threads import apply_threads
 
 __all__ = [
     "adapter_config",
@@ -92,8 +93,7 @@ def load_model(cfg: ModelConfig, lora: LoraConfig | None = None) -> LoadedModel:
 
 
 def _load_model(cfg: ModelConfig, lora: LoraConfig | None) -> LoadedModel:
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    apply_threads(cfg.num_threads)
     src = cfg.source
     if src == "tiny":
         from evertrain.models.identity import hash_tensors
