@@ -391,7 +391,46 @@ def test_cache_builds_once_and_rebuilds_stale_or_partial(tmp_path):
     ensure_entry(entry, {**expect, "source_hash": "h2"}, build)  # source file changed
     assert build.calls == 4
     assert json.loads((entry / MANIFEST).read_text())["source_hash"] == "h2"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".m-float32.lock", "m-float32"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".m-float32.lock",
+        ".m-float32.stamps.json",
+        "m-float32",
+    ]
+
+
+def test_cache_check_stats_instead_of_hashing_until_a_file_is_touched(tmp_path, monkeypatch):
+    """A start stats the converted files instead of reading them (issue 14: the full hash of
+    SmolLM2's 540 MB ran on every start); any write to a file, even one that puts its mtime
+    back, or a replaced file, brings the full hash back."""
+    import os
+
+    import evertrain.models.cache as cache_mod
+    from evertrain.models.stamps import stamped_hash
+
+    entry, expect = tmp_path / "m-float32", {"source_hash": "h1", "dtype": "float32"}
+    ensure_entry(entry, expect, FakeBuild())
+    hashed: list[str] = []
+    real = cache_mod.hash_file
+    monkeypatch.setattr(cache_mod, "hash_file", lambda p: hashed.append(Path(p).name) or real(p))
+    assert check_entry(entry, expect) is None and hashed == []  # stamps match: no read
+    weights = entry / "model.safetensors"
+    st = weights.stat()
+    weights.write_bytes(b"Weights" * 100)  # same size, edited, mtime put back
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert "hash" in str(check_entry(entry, expect)) and hashed == ["model.safetensors"]
+    assert "hash" in str(check_entry(entry, expect, full=True))
+
+    src, stamps, calls = tmp_path / "model.gguf", tmp_path / "stamps.json", []
+    src.write_bytes(b"gguf v1")
+
+    def digest() -> str:
+        calls.append(1)
+        return src.read_text()
+
+    assert stamped_hash([src], stamps, digest) == "gguf v1" and len(calls) == 1
+    assert stamped_hash([src], stamps, digest) == "gguf v1" and len(calls) == 1  # stamped
+    src.write_bytes(b"gguf v2")
+    assert stamped_hash([src], stamps, digest) == "gguf v2" and len(calls) == 2
 
 
 def test_cache_failed_build_publishes_nothing(tmp_path):
@@ -433,4 +472,5 @@ def test_unreadable_gguf_is_explained_and_nothing_is_cached(tmp_path):
     cache = tmp_path / "cache"
     with pytest.raises(ModelSourceError, match=r"cannot load .*bad\.gguf"):
         load_model(ModelConfig(source=str(bad), cache_dir=str(cache)))
-    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
+    # (the source file's stat stamp may stay: it names no model entry)
+    assert [p.name for p in cache.iterdir() if not p.name.endswith((".lock", "stamps.json"))] == []

@@ -158,7 +158,9 @@ class DataConfig(_Section):
     on_bad_record: Literal["fail", "skip"] = "fail"
     # a larger record (e.g. one JSONL line) is a bad record, refused before it is parsed
     max_record_bytes: int = Field(DEFAULT_MAX_RECORD_BYTES, gt=0)
-    cache_dir: str | None = None  # tokenised-data cache; None = no cache
+    # tokenised-data cache: None = ~/.cache/evertrain/data for `train`/`eval` (none for
+    # `watch`, which tokenises each file once), "off" = none
+    cache_dir: str | None = None
     columns: dict[str, str] = Field(default_factory=dict)
     chat_template: str | None = None
     # model.kind, copied in by RunConfig (not a key of its own): how documents become rows
@@ -526,8 +528,9 @@ def load_config(
             str((base / f).resolve()) if not Path(f).is_absolute() else f for f in cfg.data.files
         ]
         for section in (cfg.data, cfg.model):
-            if section.cache_dir and not Path(section.cache_dir).expanduser().is_absolute():
-                section.cache_dir = str((base / section.cache_dir).resolve())
+            cache_dir = section.cache_dir
+            if cache_dir and cache_dir != "off" and not Path(cache_dir).expanduser().is_absolute():
+                section.cache_dir = str((base / cache_dir).resolve())
         tpl = cfg.data.chat_template
         if tpl is not None and is_template_path(tpl) and not Path(tpl).expanduser().is_absolute():
             cfg.data.chat_template = str((base / tpl.strip()).resolve())

@@ -488,7 +488,7 @@ def evaluate_run(
     val, data_report = None, None
     stream = None if config is not None else restored.states.get("stream")
     if cfg.data.files:
-        _, val, data_report = build_datasets(cfg.data, tok, cfg.seed)
+        _, val, data_report = build_datasets(cfg.data, tok, cfg.seed, default_cache=True)
     elif stream is not None:  # a watch daemon's run trains on inbox files, not on data.files
         from evertrain.evaluate_watch import evaluate_watch_run
 

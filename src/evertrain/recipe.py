@@ -140,7 +140,10 @@ def build_trainer(
         train_ds = val_ds = cursor = None
         total_steps = t.max_steps
         if build_data:
-            train_ds, val_ds, _report = build_datasets(cfg.data, loaded.tokenizer, cfg.seed)
+            # cached by default: a restart (a resume) need not tokenise the data again
+            train_ds, val_ds, _report = build_datasets(
+                cfg.data, loaded.tokenizer, cfg.seed, default_cache=True
+            )
             # The cursor counts optimizer steps' global batches, so the data sequence does not
             # depend on the (accumulation x ranks) split.
             global_batch = t.micro_batch_size * accum * group.world_size

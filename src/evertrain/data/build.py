@@ -9,6 +9,7 @@ have no columns), then format detection and validation (:mod:`.formats`)."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -178,6 +179,21 @@ def validate_file(path: str | Path, cfg: DataConfig, policy: Policy | None = Non
     return read_documents(path, read_source(path), cfg, policy)[0]
 
 
+def data_cache_dir(setting: str | None, default_cache: bool) -> Path | None:
+    """Where tokenised data is cached: ``data.cache_dir`` if set (``"off"``: nowhere), else,
+    with ``default_cache``, ``$EVERTRAIN_CACHE/data`` or ``~/.cache/evertrain/data`` (the
+    model cache's sibling), else nowhere. Entries are keyed by content, so runs share
+    them, concurrent writers write the same bytes, and any entry may be deleted."""
+    if setting is not None and setting.strip().lower() == "off":
+        return None
+    if setting:
+        return Path(setting).expanduser()
+    if not default_cache:
+        return None
+    env = os.environ.get("EVERTRAIN_CACHE")
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "evertrain") / "data"
+
+
 def _hash_file(path: str) -> str:
     """xxh3-128 hex digest of a data file's bytes, or of a directory's files
     (:func:`~.hf_datasets.hash_dir`).
@@ -225,7 +241,12 @@ def _split_report(ds: TokenizedDataset, documents: int, truncated: int) -> Split
 
 
 def build_datasets(
-    cfg: DataConfig, tokenizer: Any, seed: int, *, kind: ModelKind | None = None
+    cfg: DataConfig,
+    tokenizer: Any,
+    seed: int,
+    *,
+    kind: ModelKind | None = None,
+    default_cache: bool = False,
 ) -> tuple[TokenizedDataset, TokenizedDataset, DataReport]:
     """Read every file of ``cfg.files``, validate, split, tokenise and pack (or pad).
 
@@ -236,8 +257,9 @@ def build_datasets(
     validation by :func:`~evertrain.data.split.is_validation` (content hash and ``seed``,
     before packing), then each side is tokenised (:mod:`~evertrain.data.encode`) and laid
     out in rows (:mod:`~evertrain.data.pack`). The result is a pure function of the file
-    bytes, the tokenizer, ``cfg``, ``kind`` and ``seed``. With ``cfg.cache_dir`` the tensors
-    are cached (:mod:`~evertrain.data.cache`), keyed by all of those.
+    bytes, the tokenizer, ``cfg``, ``kind`` and ``seed``. The tensors are cached
+    (:mod:`~evertrain.data.cache`), keyed by all of those, in the directory
+    :func:`data_cache_dir` gives for ``cfg.cache_dir`` and ``default_cache``.
 
     ``kind`` (default ``cfg.model_kind``, i.e. the run config's ``model.kind``):
     ``"seq2seq"`` lays each prompt/completion pair out as one row of encoder input and
@@ -260,7 +282,7 @@ def build_datasets(
     use_chat_template(tokenizer, cfg.chat_template)
     encoder = Encoder(tokenizer)
     key: str | None = None
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
+    cache_dir = data_cache_dir(cfg.cache_dir, default_cache)
     hashes: list[str | None] = [None] * len(cfg.files)
     if cache_dir is not None:
         hashes = [_hash_file(f) for f in cfg.files]

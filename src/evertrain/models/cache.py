@@ -21,6 +21,7 @@ from typing import Any
 
 from evertrain.fsutil import make_tmp_dir, tmp_prefix
 from evertrain.models.identity import hash_file
+from evertrain.models.stamps import read_stamps, stamp, write_stamps
 
 MANIFEST = "evertrain_cache.json"
 FORMAT_VERSION = 1
@@ -40,12 +41,16 @@ def cache_root(cache_dir: str | None) -> Path:
     return Path.home() / ".cache" / "evertrain" / "models"
 
 
-def check_entry(entry: Path, expect: dict[str, Any]) -> str | None:
+def check_entry(entry: Path, expect: dict[str, Any], full: bool = False) -> str | None:
     """Why the entry cannot be used (one line), or ``None`` when it is complete and current.
+
+    Every file's size is checked, and its XXH3-128 against the manifest unless its stat
+    stamp still matches the one taken when it was last hashed (:mod:`~.stamps`).
 
     Args:
         entry: the entry directory.
         expect: manifest fields that must match exactly (e.g. ``source_hash``, ``dtype``).
+        full: hash every file, stamps or not (after a build).
     """
     mpath = entry / MANIFEST
     if not mpath.is_file():
@@ -62,14 +67,23 @@ def check_entry(entry: Path, expect: dict[str, Any]) -> str | None:
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         return f"{mpath}: no file list"
+    # files whose stat stamp matches the one taken at their last full check are not read
+    # again (see evertrain.models.stamps); the rest are hashed and their stamps renewed
+    stamps_path = entry.parent / f".{entry.name}.stamps.json"
+    old = {} if full else read_stamps(stamps_path)
+    new: dict[str, Any] = {}
     for name, info in files.items():
         p = entry / name
         if not p.is_file():
             return f"{p} is missing"
         if p.stat().st_size != info.get("size"):
             return f"{p} has {p.stat().st_size} bytes, the manifest says {info.get('size')}"
-        if hash_file(p) != info.get("hash"):
+        now = stamp(p)
+        if old.get(name) != [*now, info.get("hash")] and hash_file(p) != info.get("hash"):
             return f"{p} content hash differs from the manifest (corrupted or edited)"
+        new[name] = [*now, info.get("hash")]
+    if new != old:
+        write_stamps(stamps_path, new)
     return None
 
 
@@ -148,7 +162,7 @@ def ensure_entry(
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        problem = check_entry(entry, expect)
+        problem = check_entry(entry, expect, full=True)
         if problem is not None:
             raise ModelCacheError(f"model cache {entry} failed its check after building: {problem}")
     return entry

