@@ -38,6 +38,10 @@ _EXPORTS = {
     "KeepLast": "evertrain.checkpoint",
     "read_checkpoint": "evertrain.checkpoint",
     "verify_checkpoint": "evertrain.checkpoint",
+    "Tracker": "evertrain.trackers",
+    "TensorBoardTracker": "evertrain.trackers",
+    "MLflowTracker": "evertrain.trackers",
+    "WandbTracker": "evertrain.trackers",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -79,6 +83,10 @@ if TYPE_CHECKING:
     from evertrain.data.split import split_by_hash as split_by_hash
     from evertrain.rng import seed_everything as seed_everything
     from evertrain.state import StateError as StateError
+    from evertrain.trackers import MLflowTracker as MLflowTracker
+    from evertrain.trackers import TensorBoardTracker as TensorBoardTracker
+    from evertrain.trackers import Tracker as Tracker
+    from evertrain.trackers import WandbTracker as WandbTracker
     from evertrain.train_settings import StepStats as StepStats
     from evertrain.train_settings import TrainSettings as TrainSettings
     from evertrain.trainer import Trainer as Trainer
