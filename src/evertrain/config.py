@@ -151,7 +151,10 @@ class DataConfig(_Section):
     files: list[str] = Field(default_factory=list)
     format: Literal["auto", "text", "prompt_completion", "messages", "alpaca", "sharegpt"] = "auto"
     seq_len: int = Field(128, gt=1)
-    packing: bool = True  # pack documents into seq_len sequences; False = one per row, padded
+    # greedy (true): documents concatenated and cut into seq_len rows, attention across
+    # them; masked: the same rows, each document attending only to itself with positions
+    # from 0 (evertrain.data.pack); none (false): one document per row, padded
+    packing: bool | Literal["none", "greedy", "masked"] = True
     text_split: Literal["documents", "chunks"] = "documents"  # plain .txt files
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     num_workers: int = Field(0, ge=0)
@@ -190,6 +193,13 @@ class DataConfig(_Section):
     def _check_chat_template(cls, v: str | None) -> str | None:
         check_chat_template(v)
         return v
+
+    @property
+    def packing_mode(self) -> Literal["none", "greedy", "masked"]:
+        """``data.packing`` with the booleans spelled out (true: greedy, false: none)."""
+        if isinstance(self.packing, bool):
+            return "greedy" if self.packing else "none"
+        return self.packing
 
     @property
     def model_kind(self) -> ModelKind:
@@ -386,7 +396,7 @@ class RunConfig(_Section):
                 f"data.format: {d.format!r} has no encoder input for a seq2seq model; use "
                 f"prompt_completion records (prompt -> encoder, completion -> decoder)"
             )
-        if d.packing:
+        if d.packing_mode != "none":
             # Only an explicit "packing: true" is an error: the default (true, for causal
             # models) gives way, so a seq2seq config need not mention packing at all.
             if "packing" in d.model_fields_set:

@@ -90,6 +90,12 @@ def token_loss_sum(
     labels = batch["labels"]
     if kind == "causal":
         inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if "position_ids" in inputs:
+            # masked packing: without an attention mask and without a KV cache, transformers
+            # builds a block-diagonal causal mask from the restarting positions (each
+            # document attends to itself); with a cache it silently attends across them
+            inputs.pop("attention_mask", None)
+            inputs["use_cache"] = False
         logits, labels = forward(**inputs).logits[:, :-1], labels[:, 1:]
     else:  # seq2seq: the model shifts the labels into decoder inputs itself
         logits = forward(**batch).logits

@@ -324,14 +324,21 @@ def build_datasets(
             f"split (val_fraction {cfg.val_fraction}); add data or lower data.val_fraction"
         )
 
-    layout = pack if cfg.packing else pad_rows
+    mode = cfg.packing_mode
     out = []
     for split, docs in (("train", train_docs), ("val", val_docs)):
         if kind == "seq2seq":
             p = pad_seq2seq(encoder.encode_seq2seq(docs), cfg.seq_len, encoder.pad_id)
         else:
-            p = layout(encoder.encode(docs), cfg.seq_len, encoder.pad_id)
-        ds = TokenizedDataset(p.input_ids, p.labels, p.attention_mask, _settings(cfg, split, kind))
+            encoded = encoder.encode(docs)
+            p = (
+                pad_rows(encoded, cfg.seq_len, encoder.pad_id)
+                if mode == "none"
+                else pack(encoded, cfg.seq_len, encoder.pad_id, masked=mode == "masked")
+            )
+        ds = TokenizedDataset(
+            p.input_ids, p.labels, p.attention_mask, _settings(cfg, split, kind), p.position_ids
+        )
         setattr(report, split, _split_report(ds, len(docs), p.truncated_documents))
         out.append(ds)
     train, val = out
@@ -339,7 +346,8 @@ def build_datasets(
         tensors = {
             f"{s}.{n}": getattr(ds, n)
             for s, ds in (("train", train), ("val", val))
-            for n in ("input_ids", "labels", "attention_mask")
+            for n in ("input_ids", "labels", "attention_mask", "position_ids")
+            if getattr(ds, n) is not None
         }
         report.cache_path = str(cache_dir / f"{key}.json")
         try:
@@ -369,6 +377,7 @@ def _from_cache(
             tensors[f"{split}.labels"],
             tensors[f"{split}.attention_mask"],
             _settings(cfg, split, kind),
+            tensors.get(f"{split}.position_ids"),
         )
         expected = getattr(report, split).fingerprint
         if ds.fingerprint != expected:

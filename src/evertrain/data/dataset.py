@@ -26,6 +26,8 @@ class TokenizedDataset(Dataset[dict[str, torch.Tensor]]):
         attention_mask: ``bool [rows, seq_len]``, False on padding.
         settings: JSON-able settings that produced the rows (split name, seq_len, packing),
             folded into :attr:`fingerprint`.
+        position_ids: ``int32 [rows, seq_len]``, each packed document's positions from 0
+            (``data.packing: masked``); None: rows carry no positions of their own.
 
     Attributes:
         fingerprint: XXH3-128 hex digest over ``settings`` and the bytes of all three tensors:
@@ -45,6 +47,7 @@ class TokenizedDataset(Dataset[dict[str, torch.Tensor]]):
         labels: torch.Tensor,
         attention_mask: torch.Tensor,
         settings: dict[str, Any] | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> None:
         if (
             input_ids.dim() != 2
@@ -64,6 +67,11 @@ class TokenizedDataset(Dataset[dict[str, torch.Tensor]]):
         self.input_ids = input_ids.contiguous()
         self.labels = labels.contiguous()
         self.attention_mask = attention_mask.contiguous()
+        if position_ids is not None and (
+            position_ids.shape != input_ids.shape or position_ids.dtype != torch.int32
+        ):
+            raise ValueError("position_ids must be int32 and shaped like input_ids")
+        self.position_ids = None if position_ids is None else position_ids.contiguous()
         self.settings = dict(settings or {})
         self.seq_len = int(input_ids.shape[1])
         self.getitem_calls = 0
@@ -77,7 +85,8 @@ class TokenizedDataset(Dataset[dict[str, torch.Tensor]]):
             "settings": self.settings,
         }
         h.update(json.dumps(meta, sort_keys=True).encode("utf-8"))
-        for t in (self.input_ids, self.labels, self.attention_mask):
+        extra = () if self.position_ids is None else (self.position_ids,)
+        for t in (self.input_ids, self.labels, self.attention_mask, *extra):
             # numpy's buffer is the tensor's memory; little-endian on every supported platform.
             h.update(np.ascontiguousarray(t.numpy()).view(np.uint8).tobytes())
         return h.hexdigest()
@@ -86,18 +95,22 @@ class TokenizedDataset(Dataset[dict[str, torch.Tensor]]):
         return int(self.input_ids.shape[0])
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        """Row ``i`` as ``{"input_ids", "labels", "attention_mask"}``, each ``long [seq_len]``.
+        """Row ``i`` as ``{"input_ids", "labels", "attention_mask"}`` (and ``position_ids``
+        when the rows have them), each ``long [seq_len]``.
 
         Raises:
             IndexError: ``i`` out of range.
         """
         if get_worker_info() is None:
             self.getitem_calls += 1
-        return {
+        row = {
             "input_ids": self.input_ids[i].long(),
             "labels": self.labels[i].long(),
             "attention_mask": self.attention_mask[i].long(),
         }
+        if self.position_ids is not None:
+            row["position_ids"] = self.position_ids[i].long()
+        return row
 
     def num_tokens(self, i: int) -> int:
         """Non-padding tokens in row ``i``."""

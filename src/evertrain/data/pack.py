@@ -18,6 +18,16 @@ and right-padded (``attention_mask`` 0, labels -100) so no data is lost. Attenti
 spans document boundaries within a row (no block-diagonal mask): the labels stop the loss
 from crossing them, the usual trade-off of packed training.
 
+``packing="masked"``: the rows of ``packing=True``, plus ``position_ids`` that start at 0
+with every document (a document continued from the previous row goes on counting), and
+padding as a segment of its own. transformers turns positions that restart into a
+block-diagonal causal mask when neither an ``attention_mask`` nor a KV cache is passed
+(``masking_utils.find_packed_sequence_indices``: SDPA and eager attention; flash
+attention's varlen kernels on GPU), so each document attends only to itself and sees the
+positions it would see alone: packing changes speed, not what is learned.
+:func:`~evertrain.train_settings.token_loss_sum` drops the ``attention_mask`` of a batch
+that has ``position_ids`` and passes ``use_cache=False``.
+
 ``packing=False``: one document per row, truncated to ``seq_len`` (losing its tail, its
 ``eos`` included; counted in ``truncated_documents``) and right-padded.
 
@@ -49,12 +59,15 @@ class Packed:
         labels: ``int32 [rows, seq_len]``, ``-100`` where ignored.
         attention_mask: ``bool [rows, seq_len]``, False on padding.
         truncated_documents: documents cut short by ``seq_len`` (``packing=False`` only).
+        position_ids: ``int32 [rows, seq_len]``, each document's positions from 0
+            (``packing="masked"`` only, else None).
     """
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     attention_mask: torch.Tensor
     truncated_documents: int = 0
+    position_ids: torch.Tensor | None = None
 
 
 def _doc_arrays(doc: Encoded) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +88,7 @@ def _to_tensors(
     )
 
 
-def pack(docs: list[Encoded], seq_len: int, pad_id: int) -> Packed:
+def pack(docs: list[Encoded], seq_len: int, pad_id: int, masked: bool = False) -> Packed:
     """Concatenate ``docs`` and cut them into rows of ``seq_len`` tokens (see module doc).
 
     Returns ``ceil(total_tokens / seq_len)`` rows; zero rows for no documents.
@@ -85,7 +98,10 @@ def pack(docs: list[Encoded], seq_len: int, pad_id: int) -> Packed:
     parts = [_doc_arrays(d) for d in docs if d[0]]
     if not parts:
         empty = np.zeros((0, seq_len), dtype=np.int64)
-        return Packed(*_to_tensors(empty, empty, empty.astype(bool)))
+        none = Packed(*_to_tensors(empty, empty, empty.astype(bool)))
+        if masked:
+            none.position_ids = torch.zeros((0, seq_len), dtype=torch.int32)
+        return none
     ids = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     total = len(ids)
@@ -95,7 +111,12 @@ def pack(docs: list[Encoded], seq_len: int, pad_id: int) -> Packed:
     ids = np.concatenate([ids, np.full(pad, pad_id, dtype=np.int64)])
     labels = np.concatenate([labels, np.full(pad, IGNORE_INDEX, dtype=np.int64)])
     shape = (rows, seq_len)
-    return Packed(*_to_tensors(ids.reshape(shape), labels.reshape(shape), mask.reshape(shape)))
+    out = Packed(*_to_tensors(ids.reshape(shape), labels.reshape(shape), mask.reshape(shape)))
+    if masked:
+        # each document (and the padding) counts its positions from 0
+        positions = np.concatenate([np.arange(len(p[0])) for p in parts] + [np.arange(pad)])
+        out.position_ids = torch.from_numpy(positions.astype(np.int32).reshape(shape))
+    return out
 
 
 def pad_rows(docs: list[Encoded], seq_len: int, pad_id: int) -> Packed:
