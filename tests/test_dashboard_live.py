@@ -383,8 +383,10 @@ def test_dashboard_in_headless_chromium(live: Live, tmp_path: Path) -> None:
     reason="chromium is not installed; run scripts/install-browser-test-deps.sh",
 )
 def test_compare_runs_in_headless_chromium(tmp_path: Path) -> None:
-    """`python -m evertrain.dashboard PARENT` on a directory of two runs: one chart with
-    both loss curves, named by run directory, labels clear of each other."""
+    """`python -m evertrain.dashboard RUNS/baseline --compare RUNS` (a directory of two
+    runs, one of them the dashboard's own): one chart with both loss curves, named by run
+    directory, labels clear of each other; the status panel shows the status derived for
+    a run without status.json."""
     parent = tmp_path / "runs"
     for name, scale, steps in (("baseline", 3.0, 3000), ("lr-2x", 2.0, 1800)):
         (parent / name).mkdir(parents=True)
@@ -404,7 +406,8 @@ def test_compare_runs_in_headless_chromium(tmp_path: Path) -> None:
         ]
         (parent / name / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     ui = subprocess.Popen(
-        [sys.executable, "-m", "evertrain.dashboard", str(parent), "--port", "0"],
+        [sys.executable, "-m", "evertrain.dashboard", str(parent / "baseline"), "--port", "0"]
+        + ["--compare", str(parent)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -424,10 +427,14 @@ def test_compare_runs_in_headless_chromium(tmp_path: Path) -> None:
             page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
             page.goto(url)
             page.wait_for_selector("#compare:not([hidden])", timeout=60000)
+            page.wait_for_selector("body[data-polls]", state="attached")  # all rendered
             assert int(page.get_attribute("#chart-compare", "data-points") or 0) > 100
             legend = page.locator("#chart-compare .u-legend th").all_inner_texts()
             assert any("baseline" in t for t in legend) and any("lr-2x" in t for t in legend)
             assert coloured_pixels(page, "chart-compare") > 100
+            assert page.inner_text("#state") == "train run: stopped"
+            assert page.inner_text("#m-step") == "3,000"
+            assert "no process holds the run" in page.inner_text("#updated")
             check_overlaps_at_widths(page, ["compare"])
     finally:
         ui.terminate()
