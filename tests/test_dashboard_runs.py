@@ -77,6 +77,7 @@ def test_status_of_a_train_run_is_derived_from_metrics_checkpoints_and_lock(
     assert d["status"] is None and d["stale"] is False  # no status.json: nothing is stale
     s = d["derived"]
     assert s["derived"] is True and s["state"] == "stopped" and d["daemon_running"] is False
+    assert s["kind"] == "train"
     assert s["global_step"] == STEPS
     assert s["loss_last"] == pytest.approx(last["loss"])
     assert s["lr"] == pytest.approx(last["lr"])

@@ -118,8 +118,9 @@ def derive_status(run_dir: Path, metrics: MetricsTail) -> dict[str, Any] | None:
 
     Returns:
         None for a directory with no metrics, checkpoint or lock file (nothing to show);
-        else ``{"derived": True, "state": "training" | "stopped" | "unknown", "pid",
-        "host", "since", "lock": "proc-locks" | "pid" | "other-host" | "no-lock-file",
+        else ``{"derived": True, "kind": "train" | "watch" (has a ledger), "state":
+        "training" | "stopped" | "unknown", "pid", "host", "since", "lock": "proc-locks" |
+        "pid" | "other-host" | "no-lock-file",
         "updated" (unix s: metrics.jsonl's mtime), "global_step", "loss" (smoothed, nats),
         "loss_last" (nats), "lr", "grad_norm", "tokens_per_second", "last_checkpoint":
         None | {"global_step", "path", "time"}}``. ``state`` is ``training`` while a live
@@ -139,6 +140,8 @@ def derive_status(run_dir: Path, metrics: MetricsTail) -> dict[str, Any] | None:
     lt = last or {}
     return {
         "derived": True,
+        # a watch daemon also lacks status.json for its first seconds
+        "kind": "watch" if (run_dir / "ledger.sqlite").exists() else "train",
         "state": "training" if held else ("unknown" if held is None else "stopped"),
         "pid": holder["pid"],
         "host": holder["host"],

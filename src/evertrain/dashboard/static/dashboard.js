@@ -115,7 +115,7 @@ function renderStatus(d) {
   $("run-dir").textContent = d.run_dir;
   const st = (d.status || dv) ? (s.state || "unknown") : "no status yet";
   const badge = $("state");
-  badge.textContent = dv ? "train run: " + st : st;
+  badge.textContent = dv ? dv.kind + " run: " + st : st;
   badge.className = "badge " + ((d.status || dv) ? (s.state || "unknown") : "unknown");
   const stale = $("stale");
   if (d.stale) {
