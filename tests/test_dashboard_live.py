@@ -194,6 +194,7 @@ def chromium() -> Iterator[Any]:
             args=CHROMIUM_FLAGS,
             viewport={"width": 1400, "height": 1000},
         )
+        ctx.add_init_script(TEXT_BOXES_JS)
         try:
             yield ctx
         finally:
@@ -218,6 +219,95 @@ def coloured_pixels(page: Any, chart: str) -> int:
             chart,
         )
     )
+
+
+# Records the box of every text a canvas draws (uPlot draws tick labels, axis titles and the
+# file names at file boundaries with fillText), reset whenever the whole canvas is cleared
+# (each redraw), so window.__canvasTexts(canvas) is what the canvas shows now, in page px.
+TEXT_BOXES_JS = """(() => {
+  const rec = new WeakMap(), P = CanvasRenderingContext2D.prototype;
+  const clear = P.clearRect, fill = P.fillText;
+  P.clearRect = function (x, y, w, h) {
+    const c = this.canvas;
+    if (x <= 0 && y <= 0 && w >= c.width && h >= c.height) rec.set(c, []);
+    return clear.apply(this, arguments);
+  };
+  P.fillText = function (text, x, y) {
+    const m = this.measureText(text), t = this.getTransform(), xs = [], ys = [];
+    const l = x - m.actualBoundingBoxLeft, r = x + m.actualBoundingBoxRight;
+    const a = y - m.actualBoundingBoxAscent, d = y + m.actualBoundingBoxDescent;
+    for (const [px, py] of [[l, a], [r, a], [l, d], [r, d]]) {
+      const p = t.transformPoint(new DOMPoint(px, py)); xs.push(p.x); ys.push(p.y);
+    }
+    if (!rec.has(this.canvas)) rec.set(this.canvas, []);
+    rec.get(this.canvas).push({ text: String(text), x0: Math.min(...xs), y0: Math.min(...ys),
+                                x1: Math.max(...xs), y1: Math.max(...ys) });
+    return fill.apply(this, arguments);
+  };
+  window.__canvasTexts = (c) => {
+    const b = c.getBoundingClientRect(), sx = b.width / c.width, sy = b.height / c.height;
+    return (rec.get(c) || []).filter((t) => t.text.trim()).map((t) => ({ text: t.text,
+      left: b.left + t.x0 * sx, top: b.top + t.y0 * sy, right: b.left + t.x1 * sx,
+      bottom: b.top + t.y1 * sy }));
+  };
+})();"""
+
+CHART_BOXES_JS = """(id) => {
+  const div = document.getElementById(id), c = div.querySelector('canvas');
+  const box = (text, r) => ({ text, left: r.left, top: r.top, right: r.right, bottom: r.bottom });
+  const boxes = window.__canvasTexts(c).map((t) => Object.assign(t, { kind: 'canvas' }));
+  for (const tr of div.querySelectorAll('.u-legend tr')) {
+    const r = tr.getBoundingClientRect();
+    if (!r.width || !r.height) continue;
+    boxes.push(Object.assign(box('legend ' + tr.textContent, r), { kind: 'legend' }));
+  }
+  const h = div.closest('.panel').querySelector('h2');
+  const title = box('title ' + h.textContent, h.getBoundingClientRect());
+  boxes.push(Object.assign(title, { kind: 'title' }));
+  return { boxes, canvas: box('canvas', c.getBoundingClientRect()),
+           panel: box('panel', div.closest('.panel').getBoundingClientRect()) };
+}"""
+
+
+def assert_no_overlaps(page: Any, charts: list[str]) -> None:
+    """No two texts of a chart (tick labels, axis titles, file names on the canvas, legend
+    items, the panel title) intersect, canvas texts lie inside the canvas, and each chart
+    fits in its panel."""
+    tol = 0.5  # px: anti-aliasing, rounding of fractional layout
+
+    def hit(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        return (
+            a["left"] < b["right"] - tol
+            and b["left"] < a["right"] - tol
+            and a["top"] < b["bottom"] - tol
+            and b["top"] < a["bottom"] - tol
+        )
+
+    for chart in charts:
+        d = page.evaluate(CHART_BOXES_JS, f"chart-{chart}")
+        boxes, canvas, panel = d["boxes"], d["canvas"], d["panel"]
+        texts = [b["text"] for b in boxes if b["kind"] == "canvas"]
+        # drawn: both axis titles and at least two ticks on each axis
+        assert "global step" in texts and len(texts) >= 5, (chart, texts)
+        assert any(b["kind"] == "legend" for b in boxes), chart
+        for b in boxes:
+            if b["kind"] == "canvas":
+                assert canvas["left"] - tol <= b["left"] and b["right"] <= canvas["right"] + tol
+                assert canvas["top"] - tol <= b["top"] and b["bottom"] <= canvas["bottom"] + tol
+        assert panel["left"] <= canvas["left"] and canvas["right"] <= panel["right"] + tol, chart
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1 :]:
+                assert not hit(a, b), f"{chart}: {a} overlaps {b}"
+
+
+def check_overlaps_at_widths(page: Any, charts: list[str]) -> None:
+    """:func:`assert_no_overlaps` at a desktop and a narrow (600 px) viewport."""
+    for width in (1400, 600):
+        page.set_viewport_size({"width": width, "height": 1000})
+        # the resize handler resizes the charts; let the next poll redraw them too
+        polls = int(page.get_attribute("body", "data-polls") or 0)
+        page.wait_for_selector(f'body:not([data-polls="{polls}"])', state="attached")
+        assert_no_overlaps(page, charts)
 
 
 @pytest.mark.skipif(
@@ -247,13 +337,24 @@ def test_dashboard_in_headless_chromium(live: Live, tmp_path: Path) -> None:
         # two full poll rounds: status, metrics, files and checkpoints all rendered
         page.wait_for_selector('body[data-polls]:not([data-polls="1"])', state="attached")
 
-        for chart in ("loss", "lr", "tps", "eval"):
+        for chart in ("loss", "lr", "tps", "gnorm", "eval"):
             assert int(page.get_attribute(f"#chart-{chart}", "data-points") or 0) > 0, chart
             assert coloured_pixels(page, f"chart-{chart}") > 50, chart  # lines were drawn
         rows = page.locator("#files-table tbody tr").all_inner_texts()
         assert any("first.jsonl" in r and "done" in r for r in rows), rows
         assert any("broken.csv" in r and "rejected" in r and "no valid records" in r for r in rows)
         assert page.locator("#checkpoints-table tbody tr").count() >= 1
+        assert page.locator("#compare").is_hidden()  # one run: nothing to compare
+
+        # the stored config of the newest checkpoint, collapsed until opened
+        page.wait_for_selector("#config-view details", state="attached")
+        assert not page.locator("#config-view").is_visible()
+        page.click("#config summary")
+        text = page.inner_text("#config-view")
+        assert "source: tiny" in text and "seq_len: 64" in text, text
+        assert page.locator("#config-view details[data-section=train]").count() == 1
+        check_overlaps_at_widths(page, ["loss", "lr", "tps", "gnorm", "eval"])
+        page.set_viewport_size({"width": 1400, "height": 1000})
 
         page.click("#btn-snapshot")  # the daemon exports one after its current step
         page.wait_for_selector("#snapshots-table td:has-text('-step-')", timeout=30000)
@@ -274,4 +375,68 @@ def test_dashboard_in_headless_chromium(live: Live, tmp_path: Path) -> None:
         page.wait_for_selector("#btn-pause:has-text('Pause')")
         assert json.loads((live.run / "control.json").read_text())["paused"] is False
 
+    assert errors == []
+
+
+@pytest.mark.skipif(
+    not Path(CHROMIUM).exists(),
+    reason="chromium is not installed; run scripts/install-browser-test-deps.sh",
+)
+def test_compare_runs_in_headless_chromium(tmp_path: Path) -> None:
+    """`python -m evertrain.dashboard RUNS/baseline --compare RUNS` (a directory of two
+    runs, one of them the dashboard's own): one chart with both loss curves, named by run
+    directory, labels clear of each other; the status panel shows the status derived for
+    a run without status.json."""
+    parent = tmp_path / "runs"
+    for name, scale, steps in (("baseline", 3.0, 3000), ("lr-2x", 2.0, 1800)):
+        (parent / name).mkdir(parents=True)
+        lines = [
+            json.dumps(
+                {
+                    "kind": "train",
+                    "global_step": s,
+                    "loss": scale / s**0.3,
+                    "lr": 1e-3,
+                    "grad_norm": 1.0,
+                    "tokens": 512,
+                    "seconds": 0.1,
+                }
+            )  # fmt: skip
+            for s in range(1, steps + 1)
+        ]
+        (parent / name / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "evertrain.dashboard", str(parent / "baseline"), "--port", "0"]
+        + ["--compare", str(parent)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    errors: list[str] = []
+    try:
+        url = None
+        assert ui.stdout is not None
+        for line in ui.stdout:
+            m = re.search(r"serving .* at (http://\S+)", line)
+            if m:
+                url = m.group(1)
+                break
+        assert url, "no dashboard URL"
+        with chromium() as ctx:
+            page = ctx.new_page()
+            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+            page.goto(url)
+            page.wait_for_selector("#compare:not([hidden])", timeout=60000)
+            page.wait_for_selector("body[data-polls]", state="attached")  # all rendered
+            assert int(page.get_attribute("#chart-compare", "data-points") or 0) > 100
+            legend = page.locator("#chart-compare .u-legend th").all_inner_texts()
+            assert any("baseline" in t for t in legend) and any("lr-2x" in t for t in legend)
+            assert coloured_pixels(page, "chart-compare") > 100
+            assert page.inner_text("#state") == "train run: stopped"
+            assert page.inner_text("#m-step") == "3,000"
+            assert "no process holds the run" in page.inner_text("#updated")
+            check_overlaps_at_widths(page, ["compare"])
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)
     assert errors == []

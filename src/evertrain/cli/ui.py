@@ -21,12 +21,21 @@ def ui(
     max_upload_mb: Annotated[
         float, typer.Option(help="largest file accepted by the upload form, in MiB")
     ] = DEFAULT_MAX_UPLOAD_BYTES / 2**20,
+    compare: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--compare",
+            help="another run directory, or a directory of runs, whose training loss is "
+            "drawn with this run's in one chart (repeatable)",
+        ),
+    ] = None,
 ) -> None:
     """Serve the dashboard until Ctrl-C; works whether or not the daemon is running.
 
     The access token is created on first use in RUN/ui-token (mode 0600) and printed once.
     Actions (upload, pause/resume, snapshot, verify) always need it; on a non-loopback
-    --host every request does.
+    --host every request does. RUN may also be a directory holding several run
+    directories: the page then compares their loss curves (as --compare does).
     """
     from evertrain.dashboard.server import DashboardError, serve
 
@@ -34,7 +43,7 @@ def ui(
         typer.secho("error: --max-upload-mb must be > 0", err=True, fg=typer.colors.RED)
         raise typer.Exit(2)
     try:
-        serve(run_dir, host, port, int(max_upload_mb * 2**20))
+        serve(run_dir, host, port, int(max_upload_mb * 2**20), compare=compare or [])
     except DashboardError as e:
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from None

@@ -9,6 +9,12 @@ Endpoints (JSON unless said; errors are ``{"error": message}``):
 - ``GET /api/metrics?since_step=N&max_points=M``: metrics.jsonl records with
   ``global_step > N`` (:meth:`MetricsTail.query`).
 - ``GET /api/checkpoints``: ``{"checkpoints": [...], "snapshots": [...]}``.
+- ``GET /api/config``: the stored run config of the newest checkpoint
+  (:meth:`ConfigReader.read <evertrain.dashboard.runinfo.ConfigReader.read>`).
+- ``GET /api/compare?max_points=M``: the training loss of every compared run, the
+  dashboard's own first (:meth:`CompareRuns.query
+  <evertrain.dashboard.compare.CompareRuns.query>`); ``{"runs": []}`` when there is
+  nothing to compare.
 - ``POST /api/checkpoints/{name}/verify``: full verification of one checkpoint.
 - ``POST /api/pause``, ``POST /api/resume``, ``POST /api/snapshot``: write control.json.
 - ``POST /api/inbox?name=NAME`` with the file's bytes as the body: upload (201).
@@ -35,6 +41,7 @@ from starlette.staticfiles import StaticFiles
 
 from evertrain.dashboard import prometheus
 from evertrain.dashboard.auth import host_is_loopback_name, token_matches
+from evertrain.dashboard.compare import DEFAULT_MAX_POINTS, CompareRuns, compared_runs
 from evertrain.dashboard.control import ControlError, update_control
 from evertrain.dashboard.inbox import InboxUpload, UploadError, check_name, data_extensions
 from evertrain.dashboard.rundir import RunDirectory
@@ -186,6 +193,7 @@ def create_app(
     loopback: bool,
     port: int,
     max_upload_bytes: int,
+    compare: list[Path] | None = None,
 ) -> Starlette:
     """The dashboard for ``run_dir``.
 
@@ -196,8 +204,13 @@ def create_app(
         port: the port served on; names the token cookie, since browsers share cookies
             between ports of one host.
         max_upload_bytes: uploads larger than this are refused with 413.
+        compare: more run directories (or parents of run directories) whose loss curves
+            are shown with this run's (:func:`~evertrain.dashboard.compare.compared_runs`;
+            a ``run_dir`` that is itself a parent of runs compares its runs).
     """
     run = RunDirectory(run_dir)
+    runs = compared_runs(run.root, compare or [])
+    comparison = CompareRuns(runs, {run.root: run.metrics}) if len(runs) > 1 else None
     static = Path(__file__).parent / "static"
     index_html = (static / "index.html").read_text(encoding="utf-8")
     cookie_name = f"evertrain_token_{port}"
@@ -243,6 +256,16 @@ def create_app(
 
     def api_checkpoints(request: Request) -> Response:
         return _json({"checkpoints": run.checkpoints(), "snapshots": run.snapshots()})
+
+    def api_config(request: Request) -> Response:
+        return _json(run.config.read())
+
+    def api_compare(request: Request) -> Response:
+        try:
+            max_points = _int_param(request, "max_points", DEFAULT_MAX_POINTS, 0, 10_000_000)
+        except ValueError as e:
+            return _error(400, str(e))
+        return _json(comparison.query(max_points) if comparison else {"runs": []})
 
     def api_verify(request: Request) -> Response:
         name = request.path_params["name"]
@@ -323,6 +346,8 @@ def create_app(
         Route("/api/files", api_files),
         Route("/api/metrics", api_metrics),
         Route("/api/checkpoints", api_checkpoints),
+        Route("/api/config", api_config),
+        Route("/api/compare", api_compare),
         Route("/api/checkpoints/{name}/verify", api_verify, methods=["POST"]),
         Route("/api/pause", api_pause, methods=["POST"]),
         Route("/api/resume", api_resume, methods=["POST"]),

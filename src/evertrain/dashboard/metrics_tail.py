@@ -181,6 +181,7 @@ class MetricsTail:
                 "loss_smoothed": finite(c.smoothed[-1]),
                 "lr": finite(c.lr[-1]),
                 "tokens_per_second": finite(c.tps[-1]),
+                "grad_norm": finite(c.grad_norm[-1]),
             }
 
     def query(self, since_step: int = -1, max_points: int = 0) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from evertrain.dashboard.metrics_tail import MetricsTail, finite
+from evertrain.dashboard.runinfo import ConfigReader, derive_status
 
 STATUSES = ("queued", "validating", "training", "done", "rejected", "duplicate")
 STALE_AFTER_SECONDS = 30.0  # status.json is replaced "every few seconds" by a live daemon
@@ -73,6 +74,7 @@ class RunDirectory:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.metrics = MetricsTail(self.root / "metrics.jsonl")
+        self.config = ConfigReader(self.root)
         self._verify_lock = threading.Lock()
         # checkpoint dir name -> (manifest (ino, mtime_ns), result); see verify()
         self._verified: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
@@ -88,6 +90,10 @@ class RunDirectory:
             "queue": [names], "problems": [str]}``. ``stale``: the status is older than
             30 s while its state is not ``stopped`` (the daemon died or hangs).
             ``daemon_running``: whether the pid in status.json exists on this host.
+            Without status.json (an ``evertrain train`` run) there is also ``"derived"``:
+            :func:`~evertrain.dashboard.runinfo.derive_status` (call
+            ``self.metrics.refresh()`` first), and ``daemon_running`` says whether a live
+            process holds ``daemon.lock``.
         """
         problems = []
         status, p = read_json_file(self.root / "status.json")
@@ -115,8 +121,14 @@ class RunDirectory:
         queue = status.get("queue") if status else None
         if not isinstance(queue, list):
             queue = self.queue_dir()
+        derived = None
+        if status is None:
+            derived = derive_status(self.root, self.metrics)
+            if derived is not None and derived["state"] != "unknown":
+                running = derived["state"] == "training"
         return {
             "status": status,
+            "derived": derived,
             "status_age_seconds": age,
             "stale": stale,
             "daemon_running": running,

@@ -54,11 +54,13 @@ def serve(
     port: int = DEFAULT_PORT,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     out: TextIO | None = None,
+    compare: list[Path] | None = None,
 ) -> None:
     """Serve the dashboard of ``run_dir`` on ``host:port`` until interrupted (SIGINT/SIGTERM).
 
     Creates ``RUN/ui-token`` (mode 0600) on first use and prints it once, then prints the
     URL (``evertrain ui: serving RUN at http://HOST:PORT/``) to ``out`` (default stdout).
+    ``compare``: more runs for the compare chart (see :func:`create_app`).
 
     Raises:
         DashboardError: ``run_dir`` is not a directory, the port cannot be bound, or the
@@ -81,6 +83,9 @@ def serve(
             f"{run_dir}: no such run directory (the directory given to `evertrain train "
             "--run-dir` or `evertrain watch`)"
         )
+    for other in compare or []:
+        if not Path(other).is_dir():
+            raise DashboardError(f"--compare {other}: no such directory")
     loopback = is_loopback(host)
     try:
         token, created = load_or_create_token(run_dir)
@@ -104,7 +109,12 @@ def serve(
         )
     print(f"evertrain ui: serving {run_dir} at {url}", file=out, flush=True)
     app = create_app(
-        run_dir, token=token, loopback=loopback, port=port, max_upload_bytes=max_upload_bytes
+        run_dir,
+        token=token,
+        loopback=loopback,
+        port=port,
+        max_upload_bytes=max_upload_bytes,
+        compare=[Path(p) for p in compare or []],
     )
     threading.Thread(target=_warm_up, args=(app,), daemon=True, name="warm-up").start()
     # access_log off: the page polls every 2 s, and a ?token= login link would be logged
@@ -147,15 +157,17 @@ def start_ui_process(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m evertrain.dashboard RUN [--host H] [--port P] [--max-upload-mb N]``."""
+    """``python -m evertrain.dashboard RUN [--host H] [--port P] [--max-upload-mb N]
+    [--compare DIR ...]``."""
     ap = argparse.ArgumentParser(prog="python -m evertrain.dashboard")
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--host", default=DEFAULT_HOST)
     ap.add_argument("--port", type=int, default=DEFAULT_PORT)
     ap.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20)
+    ap.add_argument("--compare", type=Path, action="append", default=[])
     a = ap.parse_args(argv)
     try:
-        serve(a.run_dir, a.host, a.port, int(a.max_upload_mb * 2**20))
+        serve(a.run_dir, a.host, a.port, int(a.max_upload_mb * 2**20), compare=a.compare)
     except DashboardError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

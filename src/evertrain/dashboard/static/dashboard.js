@@ -15,9 +15,10 @@ const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2"
 const $ = (id) => document.getElementById(id);
 const state = {
   status: null, control: null, maxUpload: 0, extensions: [],
-  gen: null, steps: [], loss: [], smooth: [], lr: [], tps: [], evals: [], fileEnds: [],
-  charts: {}, tick: 0, fileNames: new Map(),
+  gen: null, steps: [], loss: [], smooth: [], lr: [], tps: [], gnorm: [], evals: [], fileEnds: [],
+  charts: {}, tick: 0, fileNames: new Map(), configKey: null, compare: null,
 };
+const SERIES_KEYS = ["steps", "loss", "smooth", "lr", "tps", "gnorm"];
 window.evertrain = state; // for the browser test and for poking around in the console
 
 // ---- formatting -------------------------------------------------------------------------
@@ -52,6 +53,16 @@ function fmtTime(t) {
   if (!t) return "–";
   const d = new Date(t * 1000), p = (n) => String(n).padStart(2, "0");
   return d.getFullYear() + "-" + p(d.getMonth() + 1) + "-" + p(d.getDate()) + " " + p(d.getHours()) + ":" + p(d.getMinutes());
+}
+// compact global steps for the x axis ("12.5k", "3M"): narrow labels leave room for more
+// ticks without overlapping
+function fmtStep(v) {
+  if (v === null || v === undefined) return "";
+  const a = Math.abs(v);
+  if (a < 1e4) return String(+v.toPrecision(6));
+  if (a < 1e6) return +(v / 1e3).toPrecision(4) + "k";
+  if (a < 1e9) return +(v / 1e6).toPrecision(4) + "M";
+  return +(v / 1e9).toPrecision(4) + "G";
 }
 function fmtAxis(v) {
   if (v === null || v === undefined) return "";
@@ -96,13 +107,16 @@ function row(cells) {
 function renderStatus(d) {
   state.status = d.status; state.control = d.control;
   state.maxUpload = d.max_upload_bytes; state.extensions = d.upload_extensions || [];
-  const s = d.status || {};
+  // a run of `evertrain train` has no status.json: the server derives one (d.derived)
+  // from metrics.jsonl, the newest checkpoint and whether a process holds daemon.lock
+  const dv = d.status ? null : d.derived;
+  const s = d.status || dv || {};
   const lt = d.last_train || {};
   $("run-dir").textContent = d.run_dir;
-  const st = d.status ? (s.state || "unknown") : "no status yet";
+  const st = (d.status || dv) ? (s.state || "unknown") : "no status yet";
   const badge = $("state");
-  badge.textContent = st;
-  badge.className = "badge " + (d.status ? (s.state || "unknown") : "unknown");
+  badge.textContent = dv ? dv.kind + " run: " + st : st;
+  badge.className = "badge " + ((d.status || dv) ? (s.state || "unknown") : "unknown");
   const stale = $("stale");
   if (d.stale) {
     stale.hidden = false;
@@ -113,11 +127,19 @@ function renderStatus(d) {
   const warning = $("daemon-warning");
   warning.hidden = !s.warning;
   warning.textContent = s.warning ? "daemon: " + s.warning : "";
-  $("updated").textContent = d.status ? "updated " + fmtAge(s.updated) : "";
+  let updated = "";
+  if (d.status) updated = "updated " + fmtAge(s.updated);
+  else if (dv) {
+    const who = dv.state === "training" ? "pid " + dv.pid + (dv.host ? " on " + dv.host : "") + " holds the run"
+      : dv.state === "unknown" ? "held from host " + dv.host + "?" : "no process holds the run";
+    updated = who + " · metrics written " + fmtAge(s.updated);
+  }
+  $("updated").textContent = updated;
   $("m-step").textContent = fmtNum(s.global_step ?? lt.global_step);
   $("m-loss").textContent = fmtNum(s.loss ?? lt.loss_smoothed);
   $("m-lr").textContent = fmtNum(s.lr ?? lt.lr, 3);
   $("m-tps").textContent = fmtNum(s.tokens_per_second ?? lt.tokens_per_second, 4);
+  $("m-gnorm").textContent = fmtNum(s.grad_norm ?? lt.grad_norm, 3);
   const lc = s.last_checkpoint;
   $("m-ckpt").textContent = lc ? "step " + fmtNum(lc.global_step) + ", " + fmtAge(lc.time) : "–";
   const counts = s.counts || {};
@@ -219,20 +241,21 @@ async function loadMetrics() {
   if ((state.gen !== null && d.generation !== state.gen) || state.steps.length > MAX_POINTS) {
     // the run resumed from an older checkpoint and the log was rewound, or a tab left open
     // for days has collected too many points: load again (thinned)
-    Object.assign(state, { gen: null, steps: [], loss: [], smooth: [], lr: [], tps: [], evals: [], fileEnds: [] });
+    for (const k of SERIES_KEYS) state[k] = [];
+    Object.assign(state, { gen: null, evals: [], fileEnds: [] });
     return loadMetrics();
   }
   state.gen = d.generation;
   if (have) {
     let i = state.steps.length;
     while (i > 0 && state.steps[i - 1] > since) i--;
-    for (const k of ["steps", "loss", "smooth", "lr", "tps"]) state[k].length = i;
+    for (const k of SERIES_KEYS) state[k].length = i;
     state.evals = state.evals.filter((e) => e.global_step <= since);
     state.fileEnds = state.fileEnds.filter((e) => e.global_step <= since);
   }
   const t = d.train;
   state.steps.push(...t.global_step); state.loss.push(...t.loss); state.smooth.push(...t.loss_smoothed);
-  state.lr.push(...t.lr); state.tps.push(...t.tokens_per_second);
+  state.lr.push(...t.lr); state.tps.push(...t.tokens_per_second); state.gnorm.push(...t.grad_norm);
   state.evals.push(...d.eval); state.fileEnds.push(...d.file_end);
   setProblems("metrics", d.problems);
   drawCharts();
@@ -246,11 +269,19 @@ function boundaries() {
         ctx.save();
         ctx.strokeStyle = "#9ca3af"; ctx.fillStyle = "#6b7280"; ctx.lineWidth = px;
         ctx.setLineDash([4 * px, 4 * px]); ctx.font = (10 * px) + "px sans-serif";
+        ctx.textAlign = "left"; ctx.textBaseline = "alphabetic";
+        // a name is written only where it fits: not over the previous one (files that end
+        // at nearly the same step) and not past the plot's right edge
+        let free = left;
         for (const b of state.fileEnds) {
           const x = Math.round(u.valToPos(b.global_step, "x", true));
           if (x < left || x > left + width) continue;
           ctx.beginPath(); ctx.moveTo(x, top); ctx.lineTo(x, top + height); ctx.stroke();
-          ctx.fillText(String(b.name || "file " + b.file_id).slice(0, 24), x + 3 * px, top + 11 * px);
+          const name = String(b.name || "file " + b.file_id).slice(0, 24);
+          const tx = x + 3 * px, w = ctx.measureText(name).width;
+          if (tx < free || tx + w > left + width) continue;
+          ctx.fillText(name, tx, top + 11 * px);
+          free = tx + w + 6 * px;
         }
         ctx.restore();
       }],
@@ -259,7 +290,41 @@ function boundaries() {
 }
 
 function chartSize(div) {
-  return { width: Math.max(300, div.clientWidth), height: 240 };
+  return { width: Math.max(200, div.clientWidth), height: 240 };
+}
+
+// Axis labels are drawn on the canvas. They never overlap because: x ticks are at least
+// as far apart as their widest label plus a margin (space), at round integer steps (incrs);
+// the y axis is as wide as its widest tick label (size), so the rotated axis title beside
+// it (labelSize) stays clear of them. The browser test checks this with bounding boxes.
+const AXIS_FONT = "12px system-ui, sans-serif";
+const LABEL_FONT = "bold 12px system-ui, sans-serif";
+const STEP_INCRS = [];
+for (let m = 1; m <= 1e12; m *= 10) STEP_INCRS.push(m, 2 * m, 5 * m);
+const measurer = document.createElement("canvas").getContext("2d");
+function textWidth(text, font) {
+  measurer.font = font;
+  return measurer.measureText(text).width;
+}
+function xAxis() {
+  return {
+    label: "global step", font: AXIS_FONT, labelFont: LABEL_FONT, incrs: STEP_INCRS,
+    values: (u, vals) => vals.map(fmtStep),
+    space: (u, i, min, max) => Math.max(40, 16 + Math.max(textWidth(fmtStep(min), AXIS_FONT),
+      textWidth(fmtStep(max), AXIS_FONT), textWidth(fmtStep((max - min) / 3), AXIS_FONT))),
+  };
+}
+function yAxis(label) {
+  return {
+    label, font: AXIS_FONT, labelFont: LABEL_FONT, gap: 6, space: 24,
+    values: (u, vals) => vals.map(fmtAxis),
+    size: (u, values, i, cycle) => {
+      const a = u.axes[i];
+      if (cycle > 1 && a._size) return a._size; // settle: uPlot re-asks after a resize
+      const w = Math.max(0, ...(values || []).map((v) => textWidth(String(v), AXIS_FONT)));
+      return Math.ceil(a.ticks.size + a.gap + w + 4);
+    },
+  };
 }
 
 function makeOrUpdate(key, series, data, yLabel, xRange) {
@@ -273,8 +338,8 @@ function makeOrUpdate(key, series, data, yLabel, xRange) {
     const opts = Object.assign(chartSize(div), {
       scales: { x: xRange ? { time: false, range: xRange } : { time: false } },
       series: [{ label: "global step" }, ...series],
-      axes: [{ label: "global step" }, { label: yLabel, size: 64, values: (u, vals) => vals.map(fmtAxis) }],
-      plugins: [boundaries()],
+      axes: [xAxis(), yAxis(yLabel)],
+      plugins: key === "compare" ? [] : [boundaries()], // file ends are per run
       legend: { live: true },
       cursor: { drag: { x: true, y: false } },
     });
@@ -294,8 +359,9 @@ function drawCharts() {
     ], [x, state.loss, state.smooth], "nats");
     makeOrUpdate("lr", [{ label: "lr", stroke: "#16a34a", width: 2 }], [x, state.lr], "lr");
     makeOrUpdate("tps", [{ label: "tokens/s", stroke: "#ea580c", width: 1 }], [x, state.tps], "tokens/s");
+    makeOrUpdate("gnorm", [{ label: "grad norm", stroke: "#9333ea", width: 1 }], [x, state.gnorm], "grad norm");
   } else {
-    for (const k of ["loss", "lr", "tps"]) if (!state.charts[k]) $("chart-" + k).textContent = "no training steps yet";
+    for (const k of ["loss", "lr", "tps", "gnorm"]) if (!state.charts[k]) $("chart-" + k).textContent = "no training steps yet";
   }
   // held-out loss: one series per file's held-out split, measured after that file ("file")
   // and after each later file ("earlier"), so a rising line shows forgetting
@@ -330,6 +396,79 @@ function drawCharts() {
 window.addEventListener("resize", () => {
   for (const [k, u] of Object.entries(state.charts)) u.setSize(chartSize($("chart-" + k)));
 });
+
+// ---- stored config ---------------------------------------------------------------------------
+// the config as YAML-like text; strings that YAML would read as something else are quoted
+function yamlScalar(v) {
+  if (v === null || v === undefined) return "null";
+  if (typeof v !== "string") return String(v);
+  const plain = /^[A-Za-z0-9_./@+-][A-Za-z0-9_./@+ :-]*$/.test(v) && !/: |:$| $/.test(v)
+    && !/^(true|false|null|yes|no|on|off|~|[-+]?[0-9.eE+-]+)$/i.test(v);
+  return plain ? v : JSON.stringify(v);
+}
+function yamlLines(v, indent, out) {
+  const pad = " ".repeat(indent);
+  if (Array.isArray(v)) {
+    for (const x of v) {
+      if (x !== null && typeof x === "object" && Object.keys(x).length) {
+        const sub = [];
+        yamlLines(x, indent + 2, sub);
+        out.push(pad + "- " + sub[0].trimStart(), ...sub.slice(1));
+      } else out.push(pad + "- " + (x !== null && typeof x === "object" ? (Array.isArray(x) ? "[]" : "{}") : yamlScalar(x)));
+    }
+    return out;
+  }
+  for (const [k, x] of Object.entries(v)) {
+    if (x !== null && typeof x === "object" && Object.keys(x).length) {
+      out.push(pad + k + ":");
+      yamlLines(x, indent + 2, out);
+    } else out.push(pad + k + ": " + (x !== null && typeof x === "object" ? (Array.isArray(x) ? "[]" : "{}") : yamlScalar(x)));
+  }
+  return out;
+}
+function renderConfig(d) {
+  const key = JSON.stringify([d.checkpoint, d.problem]);
+  if (key === state.configKey) return;
+  state.configKey = key;
+  $("config-source").textContent = d.checkpoint
+    ? "(stored in checkpoints/" + d.checkpoint + ", step " + fmtNum(d.global_step) + ")" : "";
+  const view = $("config-view");
+  if (!d.config) {
+    view.replaceChildren(el("div", d.problem || (d.checkpoint
+      ? "this checkpoint stores no run config" : "no checkpoint yet: the config is stored with the first one"),
+    d.problem ? "bad" : "muted"));
+    return;
+  }
+  // one collapsible block per section (model, data, train, ...); top-level scalars first
+  const scalars = Object.entries(d.config).filter(([, v]) => v === null || typeof v !== "object");
+  const parts = [];
+  if (scalars.length) parts.push(el("pre", yamlLines(Object.fromEntries(scalars), 0, []).join("\n")));
+  for (const [k, v] of Object.entries(d.config)) {
+    if (v === null || typeof v !== "object") continue;
+    const det = el("details");
+    det.open = true;
+    det.dataset.section = k;
+    det.append(el("summary", k), el("pre", yamlLines(v, 2, []).join("\n") || "  (empty)"));
+    parts.push(det);
+  }
+  view.replaceChildren(...parts);
+}
+
+// ---- compare runs ----------------------------------------------------------------------------
+function renderCompare(d) {
+  const runs = d.runs || [];
+  $("compare").hidden = runs.length < 2;
+  state.compare = runs;
+  if (runs.length < 2) return;
+  const data = uPlot.join(runs.map((r) => [r.global_step, r.loss_smoothed]));
+  const series = runs.map((r, i) => ({
+    label: r.name, stroke: COLORS[i % COLORS.length], width: 2, spanGaps: true,
+  }));
+  $("compare-runs").textContent = runs.map((r) => r.name + ": " + (r.last_step === null ? "no steps"
+    : "step " + fmtNum(r.last_step))).join(" · ");
+  makeOrUpdate("compare", series, data, "smoothed loss (nats)");
+  setProblems("compare", runs.flatMap((r) => r.problems.map((p) => r.name + ": " + p)));
+}
 
 // ---- actions -------------------------------------------------------------------------------
 function needToken(msgEl) {
@@ -409,7 +548,11 @@ async function poll() {
     const slow = state.tick % SLOW_EVERY === 0 || ckpt !== state.ckptShown;
     state.ckptShown = ckpt;
     const jobs = [refreshStatus(), loadMetrics(), api("/api/files").then(renderFiles)];
-    if (slow) jobs.push(api("/api/checkpoints").then(renderCheckpoints));
+    if (slow) {
+      jobs.push(api("/api/checkpoints").then(renderCheckpoints));
+      jobs.push(api("/api/config").then(renderConfig));
+      jobs.push(api("/api/compare").then(renderCompare));
+    }
     const results = await Promise.allSettled(jobs);
     const failed = results.filter((r) => r.status === "rejected").map((r) => r.reason.message);
     setProblems("poll", failed.length ? ["dashboard request failed: " + failed[0]] : []);
