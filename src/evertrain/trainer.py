@@ -128,7 +128,7 @@ class Trainer:
     ) -> None:
         self.settings = s = settings or TrainSettings()
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.forward = forward if forward is not None else model  # a compiled module has no truth value
+        self.forward = forward if forward is not None else model  # compiled: no truth value
         self.loss_fn, self.count_targets = loss_fn, count_targets
         self.tokenizer = tokenizer
         self.dist = group or distributed.current_group()
