@@ -89,7 +89,7 @@ def token_loss_sum(
     """
     labels = batch["labels"]
     if kind == "causal":
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs: dict[str, Any] = {k: v for k, v in batch.items() if k != "labels"}
         if "position_ids" in inputs:
             # masked packing: without an attention mask and without a KV cache, transformers
             # builds a block-diagonal causal mask from the restarting positions (each
