@@ -27,7 +27,16 @@ def test_physical_cores_respects_the_affinity() -> None:
 
 @pytest.mark.parametrize(
     ("cores", "local", "workers", "want"),
-    [(8, 1, 0, 8), (8, 2, 0, 4), (8, 2, 1, 3), (8, 3, 0, 2), (2, 4, 0, 1), (2, 1, 4, 1)],
+    [
+        (8, 1, 0, 7),
+        (8, 2, 0, 3),
+        (8, 2, 1, 2),
+        (8, 3, 0, 2),
+        (2, 1, 0, 1),
+        (1, 1, 0, 1),
+        (2, 4, 0, 1),
+        (2, 1, 4, 1),
+    ],  # fmt: skip
 )
 def test_default_divides_cores_among_processes_and_workers(
     monkeypatch: pytest.MonkeyPatch, cores: int, local: int, workers: int, want: int
@@ -37,7 +46,7 @@ def test_default_divides_cores_among_processes_and_workers(
 
 
 def test_apply_threads_order_of_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(threads, "physical_cores", lambda: 6)
+    monkeypatch.setattr(threads, "physical_cores", lambda: 7)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun, 2 processes on this node
     assert threads.apply_threads(None) == 3 and torch.get_num_threads() == 3

@@ -81,8 +81,8 @@ class ModelConfig(_Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # attention dropout of the tiny model
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
     cache_dir: str | None = None  # converted-model cache; default ~/.cache/evertrain/models
-    # torch.set_num_threads; None: $OMP_NUM_THREADS, else the cores per process on this
-    # node less data-loader workers (evertrain.threads)
+    # torch.set_num_threads; None: $OMP_NUM_THREADS, else the cores but one, per process
+    # on this node, less data-loader workers (evertrain.threads)
     num_threads: int | None = Field(None, gt=0)
     compile: bool = False  # torch.compile the model (checkpoints keep the original names)
 

@@ -5,9 +5,12 @@ ranks torchrun starts on one node each take every core, and data-loader worker p
 compete with them, so a node is oversubscribed by the number of processes. Spinning OpenMP
 threads that wait for a core are far slower than fewer threads: ``examples/tiny.yaml`` ran at
 262 tokens/s with torch's default on a 2-core machine whose other core was busy, and at 8,654
-with one thread (issue 13). The default here divides the cores this process may use (its CPU
-affinity, within a cgroup CPU quota) among the node's processes and leaves one per
-data-loader worker. It depends on the machine, never on the moment's load: the same machine
+with one thread (issue 13). The default here keeps one core for everything that is not
+the model's arithmetic (the checkpoint writer and staging threads, the data pipeline, the
+OS: ``bench/bench_threads.py`` measured 1 thread at 2-5x the tokens/s of 2 on this 2-core
+machine under load), divides the rest of the cores this process may use (its CPU affinity,
+within a cgroup CPU quota) among the node's processes, and leaves one per data-loader
+worker. It depends on the machine, never on the moment's load: the same machine
 and launch give the same count, so the same summation order, on every restart (bit-exact
 resume needs that). ``OMP_NUM_THREADS`` set by the user wins, as do ``model.num_threads``
 and ``torch.set_num_threads`` in the user's own code.
@@ -57,8 +60,10 @@ def physical_cores() -> int:
 
 
 def default_threads(processes_per_node: int = 1, loader_workers: int = 0) -> int:
-    """``physical_cores() // processes_per_node - loader_workers``, at least 1."""
-    return max(1, physical_cores() // max(1, processes_per_node) - max(0, loader_workers))
+    """``(physical_cores() - 1) // processes_per_node - loader_workers``, at least 1 (one
+    core stays free for evertrain's other threads and the OS)."""
+    usable = max(1, physical_cores() - 1)
+    return max(1, usable // max(1, processes_per_node) - max(0, loader_workers))
 
 
 def apply_threads(num_threads: int | None, loader_workers: int = 0) -> int:

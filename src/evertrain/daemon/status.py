@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("evertrain.daemon")
 
 PROGRESS_LOG_SECONDS = 30.0
+QUEUE_NAMES = 50  # waiting files named in status.json (queue_length counts them all)
 STATES = ("starting", "idle", "validating", "training", "paused", "stopping", "stopped")
 
 
@@ -120,21 +121,20 @@ def status_record(
             if sps is None
             else round((plan.steps_total - plan.steps_done) * sps, 1),
         }
-    queue = (
-        [
-            r.name
-            for r in ledger.rows("queued", "validating", "training")
-            if plan is None or r.id != plan.id
-        ]
-        if ledger is not None
-        else []
-    )
+    # the first QUEUE_NAMES waiting files by name, all of them by count: status.json is
+    # rewritten every few seconds, and must not grow (or cost) with a long queue
+    queue: list[str] = []
+    counts: dict[str, int] = {}
     last_snap = None
     if ledger is not None:
-        snaps = ledger.snapshots()
-        if snaps:
-            s = snaps[-1]
+        waiting = ledger.pending_names(QUEUE_NAMES + 1)
+        queue = [n for i, n in waiting if plan is None or i != plan.id][:QUEUE_NAMES]
+        counts = ledger.counts()
+        s = ledger.last_snapshot()
+        if s is not None:
             last_snap = {"path": s.path, "global_step": s.global_step, "time": s.time}
+    pending = sum(counts.get(k, 0) for k in ("queued", "validating", "training"))
+    queue_length = pending - (1 if plan is not None else 0)  # the file in training
     lr = None
     if trainer is not None and p is not None and p.global_step > 0:
         with contextlib.suppress(ValueError):
@@ -149,10 +149,11 @@ def status_record(
         "tokens_per_second": meter.tokens_per_second(),
         "current_file": current,
         "queue": queue,
+        "queue_length": max(queue_length, len(queue)),
         "inbox": list(scanner.settling) if scanner is not None else [],
         "last_checkpoint": last_checkpoint,
         "last_snapshot": last_snap,
-        "counts": ledger.counts() if ledger is not None else {},
+        "counts": counts,
         "warning": warning,
         "watcher": watcher.mode if watcher is not None else None,
     }
