@@ -17,14 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-from common import ROOT, median, print_table, rotated, workdir, write_json
+from common import (
+    ROOT,
+    median,
+    print_table,
+    rotated,
+    steady_tokens_per_s,
+    train_run,
+    workdir,
+    write_json,
+)
 
 from evertrain.threads import default_threads
 
@@ -49,22 +54,7 @@ def tokens_per_s(job: str, threads: int | None, work: Path) -> float:
     cfg = json.loads(json.dumps(JOBS[job]))
     if threads is not None:
         cfg["model"]["num_threads"] = threads
-    run = work / f"{job}-{threads}"
-    shutil.rmtree(run, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    path = work / f"{job}-{threads}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    subprocess.run(
-        [sys.executable, "-m", "evertrain", "train", str(path), "--run-dir", str(run)],
-        env=env, check=True, capture_output=True,
-    )  # fmt: skip
-    steps = [
-        rec
-        for rec in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-        if rec.get("kind") == "train" and rec["global_step"] >= 2
-    ]
-    return sum(r["tokens"] for r in steps) / sum(r["seconds"] for r in steps)
+    return steady_tokens_per_s(train_run(cfg, work, f"{job}-{threads}"))
 
 
 def main() -> None:

@@ -334,3 +334,34 @@ def write_json(name: str, result: dict[str, Any]) -> Path:
     )
     print(f"wrote {path}")
     return path
+
+
+def train_run(cfg: dict[str, Any], work: Path, name: str) -> list[dict[str, Any]]:
+    """Run ``evertrain train`` on ``cfg`` in a fresh process (``OMP_NUM_THREADS`` unset, so
+    the config's threads apply) in a new run dir ``work/name``; its train records."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    run = work / name
+    shutil.rmtree(run, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    subprocess.run(
+        [sys.executable, "-m", "evertrain", "train", str(path), "--run-dir", str(run)],
+        env=env, check=True, capture_output=True,
+    )  # fmt: skip
+    return [
+        rec
+        for rec in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if rec.get("kind") == "train"
+    ]
+
+
+def steady_tokens_per_s(records: list[dict[str, Any]]) -> float:
+    """Tokens over seconds of steps 2..N (step 1 carries start-up and compilation)."""
+    rest = [r for r in records if r["global_step"] >= 2]
+    return sum(r["tokens"] for r in rest) / sum(r["seconds"] for r in rest)

@@ -25,7 +25,7 @@ def run(script: str, *args: str) -> None:
     print(f"===== {script}: {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def summary() -> None:
+def summary() -> list[tuple[str, float, str]]:
     r = {p.stem: json.loads(p.read_text()) for p in (HERE / "results").glob("*.json")}
     rows = []
     if "save_full" in r:
@@ -116,6 +116,42 @@ def summary() -> None:
             ("sharded save throughput / raw write", q["save_throughput_vs_raw_write"], ">= 0.8"),
             ("sharded load 2->3 ranks speed-up vs DCP", q["load_2to3_speedup_vs_dcp"], ""),
         ]
+    if "startup" in r:
+        q = r["startup"]["ratios"]
+        rows += [
+            (
+                "time to first step, evertrain fresh / HF Trainer",
+                q["evertrain_fresh_vs_hf_trainer"],
+                "<= 0.8",
+            ),
+            (
+                "time to first step, evertrain restart / HF Trainer",
+                q["evertrain_restart_vs_hf_trainer"],
+                "<= 0.5",
+            ),
+            ("time to first step, evertrain fresh / plain loop", q["evertrain_fresh_vs_plain"], ""),
+        ]
+    if "compile" in r:
+        for job, q in r["compile"]["jobs"].items():
+            rows.append(
+                (
+                    f"tokens/s, torch.compile / eager ({job})",
+                    q["compile_vs_eager_tokens_per_s"],
+                    ">= 1.1 to be the default",
+                )  # fmt: skip
+            )
+    if "memory" in r:
+        q = r["memory"]["ratios"]
+        rows += [
+            ("peak RSS, gradient checkpointing / none (SmolLM2 LoRA)",
+             q["peak_rss_ckpt_vs_plain"], ""),
+            ("tokens/s, gradient checkpointing / none (SmolLM2 LoRA)",
+             q["tokens_per_s_ckpt_vs_plain"], ""),
+        ]  # fmt: skip
+    if "scaling" in r:
+        for row in r["scaling"]["rows"]:
+            if row.get("target"):
+                rows.append((f"scaling: {row['name']}", row["ratio"], row["target"]))
     if "threads" in r:
         for job, q in r["threads"]["jobs"].items():
             rows.append(
@@ -124,7 +160,50 @@ def summary() -> None:
     width = max(len(n) for n, _, _ in rows)
     print("\nTargets (pairwise medians):")
     for name, value, target in rows:
-        print(f"  {name.ljust(width)}  {value:8.3f}  {target}")
+        print(f"  {name.ljust(width)}  {value:8.3f}  {target}  {verdict(value, target)}")
+    return rows
+
+
+def verdict(value: float, target: str) -> str:
+    """``met``/``missed`` for a target written ``<= x`` or ``>= x`` (else empty)."""
+    parts = target.split()
+    if len(parts) < 2 or parts[0] not in ("<=", ">="):
+        return ""
+    bound = float(parts[1])
+    ok = value <= bound if parts[0] == "<=" else value >= bound
+    return "met" if ok else "missed"
+
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def write_readme(rows: list[tuple[str, float, str]]) -> None:
+    """Replace the table between the markers in bench/README.md with ``rows`` (from
+    bench/results/*.json, never typed by hand) and the machine's load when they ran."""
+    loads = sorted(
+        {tuple(json.loads(p.read_text())["machine"].get("load_avg_at_start", ()))[:1]
+         for p in (HERE / "results").glob("*.json")}
+    )  # fmt: skip
+    lines = [
+        BEGIN,
+        "",
+        "| measure | value | target | |",
+        "|---|---|---|---|",
+        *(f"| {n} | {v:.3g} | {t} | {verdict(v, t)} |" for n, v, t in rows),
+        "",
+        f"1-minute load averages when the benchmarks started: "
+        f"{', '.join(f'{x[0]:.1f}' for x in loads if x)} (2 vCPUs).",
+        "",
+        END,
+    ]
+    readme = HERE / "README.md"
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{readme}: add the markers {BEGIN} and {END} first")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    readme.write_text(head + "\n".join(lines) + tail)
+    print(f"wrote the results table into {readme}")
 
 
 def main() -> None:
@@ -133,21 +212,44 @@ def main() -> None:
     )
     p.add_argument("--quick", action="store_true")
     p.add_argument("--summary-only", action="store_true")
+    p.add_argument("--write-readme", action="store_true", help="put the table into bench/README.md")
+    p.add_argument(
+        "--load",
+        action="store_true",
+        help="run every benchmark with one busy background process (a core kept busy by a "
+        "spinning Python loop), started before and stopped after",
+    )
     a = p.parse_args()
-    if not a.summary_only:
-        t0 = time.perf_counter()
-        run("bench_checkpoint.py", "--repeats", "2" if a.quick else "7")
-        run("bench_resume.py", "--repeats", "1" if a.quick else "3")
-        run(
-            "bench_throughput.py",
-            "--repeats",
-            "1" if a.quick else "9",
-            *(["--steps", "100"] if a.quick else []),
-        )
-        run("bench_sharded.py", "--repeats", "1" if a.quick else "3")
-        run("bench_threads.py", "--repeats", "1" if a.quick else "3", *(["--quick"] * a.quick))
-        print(f"\nall benchmarks: {time.perf_counter() - t0:.0f} s")
-    summary()
+    busy = None
+    if a.load and not a.summary_only:
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        print(f"--load: background busy loop pid {busy.pid}", flush=True)
+    try:
+        if not a.summary_only:
+            t0 = time.perf_counter()
+            run("bench_checkpoint.py", "--repeats", "2" if a.quick else "7")
+            run("bench_resume.py", "--repeats", "1" if a.quick else "3")
+            run(
+                "bench_throughput.py",
+                "--repeats",
+                "1" if a.quick else "9",
+                *(["--steps", "100"] if a.quick else []),
+            )
+            run("bench_sharded.py", "--repeats", "1" if a.quick else "3")
+            run("bench_threads.py", "--repeats", "1" if a.quick else "3", *(["--quick"] * a.quick))
+            run("bench_startup.py", "--repeats", "1" if a.quick else "3")
+            run("bench_compile.py", "--repeats", "1" if a.quick else "2", *(["--quick"] * a.quick))
+            run("bench_scaling.py", "--repeats", "1" if a.quick else "3")
+            if not a.quick:
+                run("bench_memory.py", "--repeats", "2")
+            print(f"\nall benchmarks: {time.perf_counter() - t0:.0f} s")
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+    rows = summary()
+    if a.write_readme:
+        write_readme(rows)
 
 
 if __name__ == "__main__":
