@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from evertrain.dashboard.metrics_tail import MetricsTail, finite
-from evertrain.dashboard.runinfo import ConfigReader, derive_status
+from evertrain.dashboard.runinfo import ConfigReader, derive_status, pid_alive
 
 STATUSES = ("queued", "validating", "training", "done", "rejected", "duplicate")
 STALE_AFTER_SECONDS = 30.0  # status.json is replaced "every few seconds" by a live daemon
@@ -49,19 +49,6 @@ def read_json_file(path: Path) -> tuple[Any, str | None]:
         return None, None
     except (OSError, ValueError) as e:
         return None, f"{path.name}: unreadable or not valid JSON ({e})"
-
-
-def pid_alive(pid: Any) -> bool | None:
-    """Whether process ``pid`` exists on this host; None if unknown (no pid)."""
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
 
 
 class RunDirectory:

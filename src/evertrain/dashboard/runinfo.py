@@ -48,7 +48,10 @@ def _flock_pids(path: Path) -> list[int] | None:
     return pids
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: Any) -> bool | None:
+    """Whether process ``pid`` exists on this host; None if unknown (no pid)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -89,7 +92,7 @@ def lock_holder(run_dir: Path) -> dict[str, Any]:
         return {**out, "held": bool(pids), "how": "proc-locks"}
     if host is not None and host != socket.gethostname():
         return {**out, "held": None, "how": "other-host"}
-    return {**out, "held": pid is not None and pid > 0 and _pid_alive(pid), "how": "pid"}
+    return {**out, "held": bool(pid_alive(pid)), "how": "pid"}
 
 
 def newest_checkpoint(run_dir: Path) -> dict[str, Any] | None:
