@@ -29,15 +29,16 @@ from pydantic import (
 
 from evertrain.config_data import check_chat_template, check_columns, is_template_path
 from evertrain.config_hints import suggestion
+
+# re-exported (``as``): callers import these three from evertrain.config
+from evertrain.config_overrides import apply_overrides as apply_overrides
+from evertrain.config_overrides import parse_override as parse_override
 from evertrain.config_yaml import UniqueKeyLoader
+from evertrain.errors import ConfigError as ConfigError
 
 # causal: a decoder-only LM (AutoModelForCausalLM); seq2seq: an encoder-decoder model
 # (AutoModelForSeq2SeqLM, e.g. T5) trained on prompt -> completion pairs.
 ModelKind = Literal["causal", "seq2seq"]
-
-
-class ConfigError(ValueError):
-    """A configuration is invalid; the message names the key path and the reason."""
 
 
 class _Section(BaseModel):
@@ -440,44 +441,6 @@ def _to_plain(obj: Any) -> Any:
 
         return OmegaConf.to_container(obj, resolve=True)
     return obj
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """Parse one ``--set dotted.key=value`` (value read as YAML: ``3``, ``1e-4``, ``[a, b]``).
-
-    Raises:
-        ConfigError: no ``=``, an empty key, or a value that is not valid YAML.
-    """
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. train.lr=1e-4")
-    key, _, raw = item.partition("=")
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"--set {item!r}: empty key segment in {key!r}")
-    try:
-        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else None  # noqa: S506
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from None
-    return parts, value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``raw`` with each ``dotted.key=value`` applied."""
-    import copy
-
-    out = copy.deepcopy(raw)
-    for item in overrides:
-        parts, value = parse_override(item)
-        node = out
-        for p in parts[:-1]:
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {'.'.join(parts)}: {p!r} is not a section")
-            node = nxt
-        node[parts[-1]] = value
-    return out
 
 
 def load_config(

@@ -88,7 +88,9 @@ class _CatchUp:
 
     held = -1
 
-    def catch_up(self, history: History) -> None:
+    def catch_up(self, history: History, global_step: int) -> None:
+        if self.held >= global_step:
+            return  # it has every step up to the resume: no need to read metrics.jsonl
         for record in history():
             got = scalars(record)
             if got is not None and got[0] > self.held:
@@ -260,7 +262,7 @@ class MLflowTracker(_CatchUp):
                 client.log_param(self.run_id, key, str(value)[:6000])
             _write_state(path, {"tracking_uri": uri, "run_id": self.run_id})
         self._client = client
-        self.catch_up(history)
+        self.catch_up(history, global_step)
 
     def _send(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -325,7 +327,7 @@ class WandbTracker(_CatchUp):
         )
         if self.mode == "online":
             self.held = int(getattr(self._run, "starting_step", 0) or 0) - 1
-        self.catch_up(history)
+        self.catch_up(history, global_step)
 
     def _send(self, step: int, values: dict[str, float]) -> None:
         self._run.log(values, step=step)
