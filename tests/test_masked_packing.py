@@ -28,9 +28,9 @@ def test_masked_rows_count_positions_per_document() -> None:
     assert greedy.position_ids is None
     assert torch.equal(masked.input_ids, greedy.input_ids)
     assert torch.equal(masked.labels, greedy.labels)
-    # the second document goes on counting in the next row; the padding is its own segment
+    # every document and every row starts at 0; the padding is a segment of its own
     assert masked.position_ids is not None
-    assert masked.position_ids.tolist() == [[0, 1, 2, 0], [1, 2, 3, 4], [0, 1, 0, 1]]
+    assert masked.position_ids.tolist() == [[0, 1, 2, 0], [0, 1, 2, 3], [0, 1, 0, 1]]
     assert masked.labels[2].tolist() == [IGNORE_INDEX, 14, IGNORE_INDEX, IGNORE_INDEX]
 
 

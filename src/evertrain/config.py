@@ -502,7 +502,8 @@ def load_config(
         ]
         for section in (cfg.data, cfg.model):
             cache_dir = section.cache_dir
-            if cache_dir and cache_dir != "off" and not Path(cache_dir).expanduser().is_absolute():
+            off = section is cfg.data and (cache_dir or "").strip().lower() == "off"
+            if cache_dir and not off and not Path(cache_dir).expanduser().is_absolute():
                 section.cache_dir = str((base / cache_dir).resolve())
         tpl = cfg.data.chat_template
         if tpl is not None and is_template_path(tpl) and not Path(tpl).expanduser().is_absolute():

@@ -190,7 +190,8 @@ class TensorBoardTracker:
 
         self._writer = SummaryWriter(
             str(self.log_dir or run_dir / "tensorboard"),
-            purge_step=global_step + 1 if global_step > 0 else None,
+            # also from 0: a run killed before its first checkpoint starts over at step 1
+            purge_step=global_step + 1,
             flush_secs=max(1, int(self.flush_seconds)),
         )
 

@@ -324,7 +324,7 @@ def _peer_protocol(
     try:
         files = part()
         report: dict[str, Any] = {"ok": True, "files": files}
-    except (CheckpointError, OSError) as e:
+    except Exception as e:  # any failure must reach rank 0's gather, or it waits forever
         report = {"ok": False, "files": {}, "error": f"{type(e).__name__}: {e}"}
     reports = _gather(group, report)
     t0 = time.monotonic()

@@ -179,6 +179,23 @@ def validate_file(path: str | Path, cfg: DataConfig, policy: Policy | None = Non
     return read_documents(path, read_source(path), cfg, policy)[0]
 
 
+def _check_packed_masks() -> None:
+    # transformers turns restarting position_ids into per-document masks since 4.53
+    # (masking_utils.find_packed_sequence_indices); without it the rows would silently
+    # attend across documents
+    try:
+        from transformers import masking_utils
+
+        ok = hasattr(masking_utils, "find_packed_sequence_indices")
+    except ImportError:
+        ok = False
+    if not ok:
+        raise DataError(
+            "data.packing: masked needs transformers >= 4.53 (packed-sequence attention "
+            "masks); upgrade transformers or use data.packing: greedy or none"
+        )
+
+
 def data_cache_dir(setting: str | None, default_cache: bool) -> Path | None:
     """Where tokenised data is cached: ``data.cache_dir`` if set (``"off"``: nowhere), else,
     with ``default_cache``, ``$EVERTRAIN_CACHE/data`` or ``~/.cache/evertrain/data`` (the
@@ -325,6 +342,8 @@ def build_datasets(
         )
 
     mode = cfg.packing_mode
+    if mode == "masked" and kind == "causal":
+        _check_packed_masks()
     out = []
     for split, docs in (("train", train_docs), ("val", val_docs)):
         if kind == "seq2seq":

@@ -192,7 +192,8 @@ def validate_record(rec: Record, fmt: RecordFormat) -> Document:
             raise _err(
                 rec, where, f"expected an object with role and content, got {type(m).__name__}"
             )
-        extra = sorted(set(m) - {"role", "content"})
+        # null keys are Arrow's fill for fields other rows have (datasets directories)
+        extra = sorted(k for k, v in m.items() if k not in ("role", "content") and v is not None)
         if extra:
             raise _err(
                 rec,

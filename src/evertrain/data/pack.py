@@ -19,8 +19,9 @@ spans document boundaries within a row (no block-diagonal mask): the labels stop
 from crossing them, the usual trade-off of packed training.
 
 ``packing="masked"``: the rows of ``packing=True``, plus ``position_ids`` that start at 0
-with every document (a document continued from the previous row goes on counting), and
-padding as a segment of its own. transformers turns positions that restart into a
+with every document and at every row (a document continued from the previous row starts
+again at 0 there: it cannot attend to its first part), and padding as a segment of its
+own. transformers turns positions that restart into a
 block-diagonal causal mask when neither an ``attention_mask`` nor a KV cache is passed
 (``masking_utils.find_packed_sequence_indices``: SDPA and eager attention; flash
 attention's varlen kernels on GPU), so each document attends only to itself and sees the
@@ -113,9 +114,16 @@ def pack(docs: list[Encoded], seq_len: int, pad_id: int, masked: bool = False) -
     shape = (rows, seq_len)
     out = Packed(*_to_tensors(ids.reshape(shape), labels.reshape(shape), mask.reshape(shape)))
     if masked:
-        # each document (and the padding) counts its positions from 0
-        positions = np.concatenate([np.arange(len(p[0])) for p in parts] + [np.arange(pad)])
-        out.position_ids = torch.from_numpy(positions.astype(np.int32).reshape(shape))
+        # each document (and the padding) counts its positions from 0, and so does the part
+        # of a document continued in the next row: it cannot see its first part anyway, and
+        # positions past seq_len could run off a model's position table
+        doc = np.concatenate([np.full(len(p[0]), k) for k, p in enumerate(parts)]
+                             + [np.full(pad, len(parts))]).reshape(shape)  # fmt: skip
+        start = np.ones(shape, dtype=bool)
+        start[:, 1:] = doc[:, 1:] != doc[:, :-1]
+        index = np.broadcast_to(np.arange(seq_len), shape)
+        first = np.maximum.accumulate(np.where(start, index, 0), axis=1)
+        out.position_ids = torch.from_numpy((index - first).astype(np.int32))
     return out
 
 
