@@ -136,7 +136,7 @@ def _wandb_steps(files: list[Path]) -> list[tuple[int, float]]:
 def test_wandb_offline_run_is_resumed_without_repeats(killed_and_resumed: Path) -> None:
     run = killed_and_resumed
     state = json.loads((run / "trackers" / "wandb.json").read_text())
-    files = sorted((run / "trackers" / "wandb").glob(f"offline-run-*-{state['run_id']}/*.wandb"))
+    files = sorted((run / "trackers" / "wandb").glob(f"offline-run-*-{state['run_id']}*/*.wandb"))
     assert len(files) == 2  # the killed session and the resumed one, one run id
     logged = _wandb_steps(files)
     # the killed session's rows died with W&B's service process (SIGKILL): the resumed
@@ -238,6 +238,6 @@ def test_mlflow_and_wandb_catch_up_on_what_they_lack(tmp_path: Path) -> None:
     wb.log({"kind": "train", "global_step": 6, "loss": 4.0})
     wb.close()
     assert last_history_step(root, run_id) == 6
-    assert _wandb_steps(sorted(root.glob(f"offline-run-*-{run_id}/*.wandb"))) == [
+    assert _wandb_steps(sorted(root.glob(f"offline-run-*-{run_id}*/*.wandb"))) == [
         (s, 10.0 - s) for s in range(1, 7)
     ]

@@ -304,6 +304,7 @@ class WandbTracker(_CatchUp):
         self.project, self.mode, self.entity = project, mode, entity
         self.config = dict(config or {})
         self._run: Any = None
+        self._step = -1  # the highest step given to W&B by this process
 
     def start(self, run_dir: Path, global_step: int, history: History) -> None:
         wandb = _need("wandb", self.name)
@@ -331,7 +332,13 @@ class WandbTracker(_CatchUp):
         self.catch_up(history, global_step)
 
     def _send(self, step: int, values: dict[str, float]) -> None:
-        self._run.log(values, step=step)
+        # W&B drops a step below its current one: an async save's record, written a few
+        # steps after its global_step, goes under the current step with its own as a value
+        if step < self._step:
+            prefix = next(iter(values)).rsplit("/", 1)[0]
+            values = {**values, f"{prefix}/global_step": float(step)}
+        self._step = max(self._step, step)
+        self._run.log(values, step=self._step)
 
     def flush(self) -> None:
         pass  # W&B's service process writes on its own schedule: see the module docstring

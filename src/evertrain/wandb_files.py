@@ -53,12 +53,13 @@ def records(path: Path) -> Iterator[bytes]:
 
 def last_history_step(root: Path, run_id: str) -> int:
     """The highest ``_step`` of the history rows in every offline run directory of
-    ``run_id`` under ``root`` (``offline-run-<time>-<run_id>/run-<run_id>.wandb``), or -1
+    ``run_id`` under ``root`` (``offline-run-<time>-<run_id>[-N]/run-<run_id>.wandb``), or -1
     when there are none."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     best = -1
-    for path in sorted(root.glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
+    # W&B appends -1, -2... to the directory of a session started in the same second
+    for path in sorted(root.glob(f"offline-run-*-{run_id}*/run-{run_id}.wandb")):
         for raw in records(path):
             rec = pb.Record()  # type: ignore[attr-defined]
             try:
