@@ -241,3 +241,23 @@ def test_mlflow_and_wandb_catch_up_on_what_they_lack(tmp_path: Path) -> None:
     assert _wandb_steps(sorted(root.glob(f"offline-run-*-{run_id}*/*.wandb"))) == [
         (s, 10.0 - s) for s in range(1, 7)
     ]
+
+
+def test_an_explicit_fresh_start_opens_new_tracker_runs(tmp_path: Path) -> None:
+    """``train --fresh`` (``start_fresh()``): the old MLflow/W&B run ids are set aside, not
+    deleted, so the new run's steps are not skipped as held; a run directory whose first
+    checkpoint never came continues its tracker runs."""
+    import evertrain
+
+    state = tmp_path / "trackers" / "wandb.json"
+    state.parent.mkdir()
+    state.write_text('{"run_id": "abc"}')
+    ckpt = evertrain.Checkpointer(tmp_path)
+    assert ckpt.resume() == 0  # no checkpoint yet: the same tracker runs go on
+    ckpt.close()
+    assert state.exists()
+    again = evertrain.Checkpointer(tmp_path)
+    again.start_fresh()
+    again.close()
+    assert not state.exists()
+    assert [p.name.split(".before-")[0] for p in state.parent.iterdir()] == ["wandb.json"]

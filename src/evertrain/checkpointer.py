@@ -51,7 +51,7 @@ from evertrain.resume_states import RANK_SUFFIX, owner_states
 from evertrain.rng import RNGState
 from evertrain.runlock import LOCK_NAME, RunLock
 from evertrain.signals import on_stop_signals
-from evertrain.trackers import Tracker
+from evertrain.trackers import Tracker, set_aside_tracker_runs
 from evertrain.versions import versions
 
 log = logging.getLogger("evertrain")
@@ -272,10 +272,13 @@ class Checkpointer:
         rank (``"SIGTERM"``, ``"SIGINT"``), else None."""
         return self._signal
 
-    def start_fresh(self) -> None:
+    def start_fresh(self, *, new_tracker_runs: bool = True) -> None:
         """Begin at global_step 0 although the run directory has checkpoints (they are kept;
-        ``metrics.jsonl`` is emptied). Instead of :meth:`resume`."""
+        ``metrics.jsonl`` is emptied; MLflow and W&B get new runs, the ids of the old ones
+        set aside in ``RUN/trackers/``). Instead of :meth:`resume`."""
         self._open_metrics().rewind(0)
+        if new_tracker_runs:
+            set_aside_tracker_runs(self.run_dir)
         self.metrics.start_trackers(0)  # type: ignore[union-attr]
         self._resumed_from = 0
         self.save_policy.mark_saved(0, time.monotonic())
@@ -312,7 +315,8 @@ class Checkpointer:
                     f"warnings above); run `evertrain verify {self.run_dir}`, or start over "
                     f"(`evertrain train --fresh` keeps the damaged ones)"
                 )
-            self.start_fresh()
+            # a run killed before its first checkpoint: the same tracker runs continue
+            self.start_fresh(new_tracker_runs=False)
             return 0
         states = owner_states(
             self.manager, info, self.owners, self.per_rank, self.group, self.rank_state,

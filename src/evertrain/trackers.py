@@ -149,6 +149,15 @@ def _state_path(run_dir: Path, name: str) -> Path:
     return run_dir / "trackers" / f"{name}.json"
 
 
+def set_aside_tracker_runs(run_dir: Path) -> None:
+    """Rename the tracker run ids in ``RUN/trackers/`` to ``<name>.json.before-<unix time>``,
+    so the next start opens new MLflow and W&B runs (a fresh start's steps would otherwise
+    be skipped as already held by the old runs). Nothing is deleted."""
+    folder = run_dir / "trackers"
+    for path in folder.glob("*.json") if folder.is_dir() else ():
+        os.replace(path, path.with_name(f"{path.name}.before-{int(time.time())}"))
+
+
 def _read_state(path: Path) -> dict[str, Any]:
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
