@@ -459,3 +459,63 @@ def test_cli_ui_refuses_missing_run_directory(tmp_path: Path) -> None:
 
     r = CliRunner().invoke(app, ["ui", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "no such run directory" in r.output
+
+
+def test_large_metrics_file_is_sketched_first_then_read_exactly(tmp_path: Path) -> None:
+    # 6000 steps (~0.6 MB, an eval every 100) with a bad line early in the history: the
+    # first answer parses only the tail exactly and samples the rest; the background parse
+    # then serves exactly what a full read does, line numbers of problems included
+    path = tmp_path / "metrics.jsonl"
+    lines = []
+    for s in range(1, 6001):
+        lines.append(json.dumps({"kind": "train", "global_step": s, "loss": 3.0 - s / 6000}))
+        if s % 100 == 0:
+            lines.append(json.dumps({"kind": "eval", "global_step": s, "val_loss": 1.0}))
+        if s == 10:
+            lines.append("not json")
+    path.write_text("\n".join(lines) + "\n")
+    exact = MetricsTail(path, sketch_above_bytes=1 << 40)
+    exact.refresh()
+    want = exact.query()
+    assert want["complete"] and want["count"] == 6000 and len(want["eval"]) == 60
+    assert want["problems"] == [
+        "metrics.jsonl line 11: not valid JSON (Expecting value: "
+        + ("line 1 column 1 (char 0)); line skipped")
+    ]
+
+    tail = MetricsTail(path, sketch_above_bytes=0)
+    tail.refresh()
+    first = tail.query()
+    steps = first["train"]["global_step"]
+    assert not first["complete"] and first["last_step"] == 6000 and first["generation"] == 0
+    assert steps == sorted(set(steps)) and steps[0] < 100  # the whole history, sampled
+    assert 0 < first["count"] < 6000 and first["problems"] == []
+    assert 0 < len(first["eval"]) < 60  # evals of the exact tail only
+    assert tail.wait_complete(30)
+    got = tail.query()
+    assert got["complete"] and got["generation"] == 1
+    assert {k: v for k, v in got.items() if k != "generation"} == {
+        k: v for k, v in want.items() if k != "generation"
+    }
+    with open(path, "a") as f:  # appends after the swap are read incrementally
+        f.write(json.dumps({"kind": "train", "global_step": 6001, "loss": 1.0}) + "\n")
+    tail.refresh()
+    assert tail.query(since_step=6000)["train"]["global_step"] == [6001]
+    assert tail.generation == 1
+
+
+def test_thinned_query_caps_eval_and_file_end_records(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    with open(path, "w") as f:
+        for s in range(1, 401):
+            f.write(json.dumps({"kind": "train", "global_step": s, "loss": 1.0}) + "\n")
+            f.write(json.dumps({"kind": "eval", "global_step": s, "val_loss": 1.0}) + "\n")
+            f.write(json.dumps({"kind": "file_end", "global_step": s, "file_id": s}) + "\n")
+    tail = MetricsTail(path)
+    tail.refresh()
+    q = tail.query(max_points=40)
+    assert len(q["train"]["global_step"]) <= 41 and q["train"]["global_step"][-1] == 400
+    evals = [e["global_step"] for e in q["eval"]]
+    assert len(evals) <= 11 and evals[-1] == 400 and evals == sorted(evals)
+    assert [e["file_id"] for e in q["file_end"]][-1] == 400 and len(q["file_end"]) <= 11
+    assert len(tail.query()["eval"]) == 400  # max_points=0: every record

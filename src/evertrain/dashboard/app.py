@@ -7,7 +7,9 @@ Endpoints (JSON unless said; errors are ``{"error": message}``):
   the control record, inbox, queue, upload limit and accepted extensions.
 - ``GET /api/files?limit=N``: the ledger (:meth:`RunDirectory.files`).
 - ``GET /api/metrics?since_step=N&max_points=M``: metrics.jsonl records with
-  ``global_step > N`` (:meth:`MetricsTail.query`).
+  ``global_step > N`` (:meth:`MetricsTail.query`), thinned to ``M`` train points
+  (default ``metrics_tail.CHART_POINTS``); ``max_points=0`` is every point, and waits (up
+  to :data:`EXACT_WAIT_SECONDS`) for a large file's history to be read exactly.
 - ``GET /api/checkpoints``: ``{"checkpoints": [...], "snapshots": [...]}``.
 - ``GET /api/config``: the stored run config of the newest checkpoint
   (:meth:`ConfigReader.read <evertrain.dashboard.runinfo.ConfigReader.read>`).
@@ -44,6 +46,7 @@ from evertrain.dashboard.auth import host_is_loopback_name, token_matches
 from evertrain.dashboard.compare import DEFAULT_MAX_POINTS, CompareRuns, compared_runs
 from evertrain.dashboard.control import ControlError, update_control
 from evertrain.dashboard.inbox import InboxUpload, UploadError, check_name, data_extensions
+from evertrain.dashboard.metrics_tail import CHART_POINTS
 from evertrain.dashboard.rundir import RunDirectory
 
 Scope = MutableMapping[str, Any]
@@ -52,6 +55,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+EXACT_WAIT_SECONDS = 120.0  # max_points=0 waits this long for a large file's exact history
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 _COOKIE_MAX_AGE = 30 * 24 * 3600  # seconds
 _TOKEN_PLACEHOLDER = "__EVERTRAIN_TOKEN__"
@@ -248,10 +252,12 @@ def create_app(
     def api_metrics(request: Request) -> Response:
         try:
             since = _int_param(request, "since_step", -1, -1, 2**62)
-            max_points = _int_param(request, "max_points", 0, 0, 10_000_000)
+            max_points = _int_param(request, "max_points", CHART_POINTS, 0, 10_000_000)
         except ValueError as e:
             return _error(400, str(e))
         run.metrics.refresh()
+        if max_points == 0:  # every point: not a sketch of the history
+            run.metrics.wait_complete(EXACT_WAIT_SECONDS)
         return _json(run.metrics.query(since, max_points))
 
     def api_checkpoints(request: Request) -> Response:
