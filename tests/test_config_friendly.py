@@ -19,7 +19,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("2e-4", 2e-4), ("1E-5", 1e-5), ("+3e2", 300.0), ("2.0e-4", 2e-4), (".5", 0.5)],
+    [("2e-4", 2e-4), ("1E-5", 1e-5), ("+3e-1", 0.3), ("2.0e-4", 2e-4), (".5", 0.5)],
 )
 def test_exponent_numbers_are_floats(tmp_path: Path, text: str, value: float) -> None:
     cfg = load_config(write(tmp_path, f"train: {{lr: {text}}}\n"))

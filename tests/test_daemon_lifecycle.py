@@ -126,7 +126,7 @@ def test_lock_names_the_holder_and_is_shared_within_a_process(tmp_path: Path) ->
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         before = path.read_bytes()
-        with pytest.raises(RunLockedError, match=f"in use by pid {holder.pid} on host"):
+        with pytest.raises(RunLockedError, match=rf"in use by PID {holder.pid} on \S+ \(since "):
             RunLock(path).acquire()
         assert path.read_bytes() == before  # the refused probe did not touch the record
     finally:
@@ -139,7 +139,7 @@ def test_lock_names_the_holder_and_is_shared_within_a_process(tmp_path: Path) ->
     second.release()
     probe = subprocess.run([sys.executable, "-c", HOLD.replace("120", "0"), str(path)],
                            capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert probe.returncode != 0 and "in use by pid" in probe.stderr  # still held
+    assert probe.returncode != 0 and "in use by PID" in probe.stderr  # still held
     first.release()
     RunLock(path).acquire()  # released: free again
 

@@ -30,7 +30,14 @@ from evertrain.config import ConfigError, load_config
             "model: {source: tiny}\ntrain:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n",
             "line 5 column 3: invalid YAML: duplicate key 'lr' (first at line 3)",
         ),
-        ("train: {lr: 0.1}\n", "no model: section"),
+        ("train: {lr: 0.1}\n", "no model.source"),
+        ("model: {num_threads: 1}\n", "no model.source"),  # not the tiny model, silently
+        ("model: {source: tiny}\ntrain: {lr: 2e4}\n", "train.lr: Input should be less than"),
+        ("model: {source: tiny}\ntrain: {weight_decay: 10}\n", "train.weight_decay"),
+        (
+            "model: {source: tiny}\ntrain: {lr: 2, weight_decay: 0.5}\n",
+            "lr * weight_decay = 1 would shrink every weight past zero",
+        ),
     ],
 )
 def test_silent_config_mistakes_are_errors(tmp_path: Path, text: str, expected: str) -> None:

@@ -4,6 +4,8 @@ RUN/daemon.lock; a second writer exits 2 naming the holder, and the holder's run
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,14 +32,14 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path: Path) -> None
             second = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=120)
             assert second.returncode == 2, second.stderr
             lines = second.stderr.strip().splitlines()
-            assert len(lines) == 1 and f"is in use by pid {first.pid} on host" in lines[0]
-        with pytest.raises(RunLockedError, match=f"pid {first.pid}"):
+            assert len(lines) == 1 and f"is in use by PID {first.pid} on {socket.gethostname()} (since " in lines[0]
+        with pytest.raises(RunLockedError, match=f"PID {first.pid}"):
             evertrain.Checkpointer(run)
         assert first.poll() is None  # the holder trains on
     finally:
         first.terminate()
         first.wait(timeout=120)
-    assert first.returncode == 0  # SIGTERM: saved and stopped cleanly
+    assert first.returncode == 128 + signal.SIGTERM  # saved and stopped, not finished
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["global_step"] >= 1
     ckpt = evertrain.Checkpointer(run)  # free again

@@ -226,8 +226,9 @@ class TrainConfig(_Section):
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0)
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = Field(2.0e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    # no optimizer here is stable past these; a larger value is a typo (2e4 for 2e-4)
+    lr: float = Field(2.0e-4, gt=0, le=10)
+    weight_decay: float = Field(0.0, ge=0, le=1)
     betas: list[float] = Field(default_factory=lambda: [0.9, 0.999])
     eps: float = Field(1e-8, gt=0)
     momentum: float = Field(0.0, ge=0)  # sgd only
@@ -265,6 +266,12 @@ class TrainConfig(_Section):
     def _check(self) -> TrainConfig:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError("betas must be two numbers in [0, 1)")
+        if self.optimizer != "sgd" and self.lr * self.weight_decay >= 1:
+            # decoupled decay multiplies weights by (1 - lr * weight_decay) every step
+            raise ValueError(
+                f"lr * weight_decay = {self.lr * self.weight_decay:g} would shrink every "
+                "weight past zero each step; use a smaller lr or weight_decay"
+            )
         return self
 
 
@@ -490,10 +497,11 @@ def load_config(
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
         raise _format_error(e, origin) from None
-    if base is not None and "model" not in raw:
+    model = raw.get("model")
+    if base is not None and not (isinstance(model, dict) and "source" in model):
         # without it the tiny random test model would train, silently
         raise ConfigError(
-            f"{origin}: no model: section; name the model to train (model.source: a model "
+            f"{origin}: no model.source; name the model to train (model.source: a model "
             f"directory, a .gguf file, smollm2-135m, or tiny for the random test model)"
         )
     if base is not None:

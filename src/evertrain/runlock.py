@@ -48,11 +48,11 @@ _HELD: dict[Path, list[int]] = {}
 
 
 def describe_holder(path: Path) -> str:
-    """``pid N on host H since T`` from the lock file, or ``unknown holder``."""
+    """``PID N on HOST (since T)`` from the lock file (T local time), or ``unknown holder``."""
     try:
         info: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["since"])))
-        return f"pid {info['pid']} on host {info['host']} since {since}"
+        return f"PID {info['pid']} on {info['host']} (since {since})"
     except (OSError, ValueError, KeyError, TypeError):
         return "unknown holder (the lock file is empty or unreadable)"
 
@@ -92,8 +92,8 @@ class RunLock:
         except BlockingIOError:
             os.close(fd)
             raise RunLockedError(
-                f"{self.path.parent} is in use by {describe_holder(self.path)} (another "
-                f"`evertrain watch`, `train` or import); stop it first (SIGTERM or Ctrl-C in "
+                f"{self.path.parent} is in use by {describe_holder(self.path)}: another "
+                f"`evertrain watch`, `train` or import; stop it first (SIGTERM or Ctrl-C in "
                 f"its terminal), or use another run directory"
             ) from None
         # written only once the lock is ours: a refused process never truncates the

@@ -14,6 +14,8 @@ from evertrain.config import RunConfig
 from evertrain.errors import DivergedError
 
 EXIT_DIVERGED = 3  # the loss or gradient norm became NaN/inf (train.on_nonfinite: stop)
+# a stop signal's shell convention, 128 + its number: 130 for SIGINT, 143 for SIGTERM
+STOP_SIGNALS = {"SIGINT": 2, "SIGTERM": 15}
 
 
 def train(
@@ -76,6 +78,9 @@ def train(
     distributed.finish()
     if rank == 0:
         typer.echo(json.dumps(result))
+    if outcome in STOP_SIGNALS:
+        # saved but not finished: `evertrain train ... && next-step` must not go on
+        raise typer.Exit(128 + STOP_SIGNALS[outcome])
 
 
 def _stored_config(run_dir: Path, overrides: list[str]) -> RunConfig:

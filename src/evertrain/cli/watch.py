@@ -91,6 +91,8 @@ def watch(
             with _dashboard(run_dir, port) if ui else contextlib.nullcontext():
                 with _progress(daemon):
                     code = daemon.run()
+            if code == 0 and daemon.stop_reason == "SIGINT":
+                code = 130  # Ctrl-C: saved and stopped (SIGTERM, a service stop, exits 0)
     except (RunLockedError, RunDirNotWritableError) as e:
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
         raise typer.Exit(EXIT_LOCKED) from None
