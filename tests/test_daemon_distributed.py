@@ -18,16 +18,23 @@ from conftest import cli_env
 from daemon_util import drop, equal_files, rows, watch_config
 from evertrain.checkpoint import verify_checkpoint
 
-TRAIN_ROWS, VAL_ROWS = 24, 3  # per file
+# 17 rows (prime) against global micro-batches of 8: 8 + 8 + 1, so the last micro-batch has
+# one row on one rank and none on the other (a zero-token micro-batch that must stay in step)
+TRAIN_ROWS, VAL_ROWS = 17, 3  # per file
 MICRO, ACCUM, WORLD = 4, 2, 2  # one global micro-batch = 8 rows -> 3 per file -> steps 2 + 1
-STEPS_PER_FILE = math.ceil((TRAIN_ROWS // (MICRO * WORLD)) / ACCUM)
+STEPS_PER_FILE = math.ceil(math.ceil(TRAIN_ROWS / (MICRO * WORLD)) / ACCUM)
 
 
 def watch(
-    tmp: Path, every_steps: int, fault: str | None = None, async_save: bool = False
+    tmp: Path,
+    every_steps: int,
+    fault: str | None = None,
+    async_save: bool = False,
+    faulty_runs: int = 1,
 ) -> tuple[Path, Any]:
     """Two files dropped into a new run's inbox, then ``torchrun -m evertrain watch --once``
-    (with ``EVERTRAIN_FAULT=fault``: the group is SIGKILLed there, then started again)."""
+    (with ``EVERTRAIN_FAULT=fault``: the group is SIGKILLed there, or stops on an error,
+    ``faulty_runs`` times, then is started again without the fault)."""
     files = equal_files(tmp / "src", 2, TRAIN_ROWS, VAL_ROWS)
     config = watch_config(
         tmp,
@@ -63,8 +70,8 @@ def watch(
             check=False,
         )
 
-    if fault is not None:
-        killed = go(EVERTRAIN_FAULT=fault)
+    for _ in range(faulty_runs if fault is not None else 0):
+        killed = go(EVERTRAIN_FAULT=str(fault))
         assert killed.returncode != 0, "the fault did not fire"
         assert [r.status for r in rows(run_dir)][0] == "training"
     proc = go()
@@ -104,8 +111,9 @@ def test_watch_under_torchrun_trains_two_inbox_files(straight: Path) -> None:
 
     progress = json.loads((steps[-1].parent / "progress.json").read_text(encoding="utf-8"))
     assert progress["global_step"] == 2 * STEPS_PER_FILE
-    # every micro-batch is one global micro-batch of both ranks' rows
-    assert progress["examples_seen"] == 2 * (TRAIN_ROWS // (MICRO * WORLD)) * MICRO * WORLD
+    # every row once, the remainder too; padding rows are not examples
+    assert [r.examples for r in ledger] == [TRAIN_ROWS, TRAIN_ROWS]
+    assert progress["examples_seen"] == 2 * TRAIN_ROWS
 
 
 @pytest.mark.parametrize("saves", ["sync", "async"])
@@ -132,3 +140,16 @@ def test_group_killed_mid_file_resumes_bit_identical(
             y.loss_end,
             y.val_loss_after,
         )
+
+
+def test_group_stopped_by_a_files_error_twice_quarantines_it(tmp_path: Path) -> None:
+    # an error while training file 1 cannot reject it under torchrun (rank 1 may wait in a
+    # collective), so the group stops; the error counts as a death, and the start after the
+    # second one quarantines the file and trains the next instead of stopping on it forever
+    run_dir, proc = watch(tmp_path, every_steps=1000, fault="trainerror@1", faulty_runs=2)
+    first, second = rows(run_dir)
+    assert first.status == "rejected" and "the daemon died twice while processing it" in str(
+        first.error
+    )
+    assert second.status == "done" and second.examples == TRAIN_ROWS
+    assert second.global_step_start == 0 and second.global_step_end == STEPS_PER_FILE

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from conftest import assert_identical, cli_env, train_losses
+from conftest import assert_identical, cli_env, evertrain, train_losses, write_config
 from daemon_util import drop, equal_files, load_watch, rows, wait_for, watch_config
 from evertrain.checkpoint import CheckpointManager, KeepLast, read_checkpoint, verify_checkpoint
 from evertrain.daemon import Daemon
@@ -276,3 +276,37 @@ def test_read_only_run_dir_is_one_line_exit_2(tmp_path: Path, command: str) -> N
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "is not writable" in lines[0] and str(disk / "run") in lines[0]
+
+
+def test_train_on_a_full_disk_exits_75_and_resumes_bit_identical(tmp_path: Path) -> None:
+    # checkpoints of every step fill a 20 MB disk around step 12: the saves after are skipped
+    # (too little space) and retried; the last one too, which used to end "done", exit 0,
+    # with steps 13..40 in no checkpoint
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "20m"):
+        pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
+    try:
+        cfg = write_config(
+            tmp_path,
+            train={"max_steps": 40, "eval_every_steps": None},
+            checkpoint={"every_steps": 1, "keep_last": 100},
+        )
+        evertrain("train", str(cfg), "--run-dir", str(tmp_path / "ref"))
+        run = disk / "run"
+        proc = evertrain("train", str(cfg), "--run-dir", str(run), check=False)
+        assert proc.returncode == 75, proc.stderr[-3000:]
+        err = [x for x in proc.stderr.splitlines() if " INFO " not in x and " WARNING " not in x]
+        assert len(err) == 1 and err[0].startswith("error: disk full or read-only: "), err
+        newest = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
+        assert 1 <= newest < 40 and f"the newest checkpoint is global_step {newest}" in err[0]
+        subprocess.run(["mount", "-o", "remount,size=100m", str(disk)], check=True)
+        evertrain("train", str(cfg), "--run-dir", str(run))  # resumes from `newest`
+        assert train_losses(run) == train_losses(tmp_path / "ref")
+        got, want = (
+            read_checkpoint(r / "checkpoints" / "step-00000040").states
+            for r in (run, tmp_path / "ref")
+        )
+        for owner in ("model", "optimizer", "rng", "scheduler", "data_cursor", "progress"):
+            assert_identical(got[owner], want[owner])
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False, capture_output=True)

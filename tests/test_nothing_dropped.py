@@ -131,3 +131,13 @@ def test_accumulated_step_has_the_gradient_of_one_batch(tmp_path: Path) -> None:
     # the rows' target counts differ a lot, so a mean of micro-batch means would differ
     data = [json.loads(x) for x in (tmp_path / "one_batch" / "data.jsonl").read_text().splitlines()]
     assert len({len(r["completion"]) for r in data}) > 4
+    # the logged loss is the step's token-weighted mean too, however the rows were split
+    logged = {name: train_losses(tmp_path / name / "run") for name in runs}
+    assert len(logged["one_batch"]) == 1
+    for name in ("accum_4", "two_ranks"):
+        assert logged[name][0] == pytest.approx(logged["one_batch"][0], rel=0, abs=1e-6), name
+
+
+def train_losses(run: Path) -> list[float]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [x["loss"] for x in lines if x["kind"] == "train"]

@@ -211,6 +211,9 @@ class Checkpointer:
         self._resumed_from: int | None = None
         self._last_metrics: dict[str, Any] = {}
         self._save_pending = False
+        # the last save, skipped for too little disk space (retried at every step until
+        # one is written); a loop that ends with one must not report its steps as saved
+        self.skipped_save: InsufficientDiskSpaceError | None = None
         self._closed = False
         self._chose = False
         self._overrides: dict[str, dict[str, Any]] = {}
@@ -478,8 +481,10 @@ class Checkpointer:
         except InsufficientDiskSpaceError as e:
             log.warning("CHECKPOINT SKIPPED at global_step %d: %s; will retry", step, e)
             self._save_pending = True
+            self.skipped_save = e
             return None
         self._save_pending = False
+        self.skipped_save = None
         self.save_policy.mark_saved(step, time.monotonic())
         self.last_checkpoint, self.last_saved_step = path, step
         self._log_save_stats()
@@ -514,6 +519,14 @@ class Checkpointer:
         if self._closed:
             return
         self._closed = True
+        if self.skipped_save is not None:
+            log.error(
+                "closed with global_step %d unsaved (the last save was skipped: %s); the "
+                "newest checkpoint is global_step %s",
+                self.progress.global_step,
+                self.skipped_save,
+                self.last_saved_step,
+            )
         try:
             self.manager.close()
         finally:

@@ -3,7 +3,8 @@
 Set ``EVERTRAIN_FAULT=point@step`` (several separated by commas), e.g.
 ``micro@12:1`` (after micro-batch 1 of optimizer step 12), ``save@40`` (while checkpoint 40
 is half written), ``commit@40`` (manifest written, directory not yet renamed),
-``epoch@2`` (right after the step that entered epoch 2). The crash
+``epoch@2`` (right after the step that entered epoch 2); ``trainerror@N`` raises instead
+(:func:`maybe_raise`). The crash
 tests use it to hit windows too narrow for an external ``kill -9`` to land on reliably.
 Unset (the default), :func:`maybe_crash` costs one dict lookup.
 """
@@ -21,6 +22,13 @@ def poisoned(step: int) -> bool:
     """True if ``nan@step`` was requested: the trainer then makes that step's loss NaN
     (the divergence guard's test; a real divergence needs no help)."""
     return bool(_POINTS) and f"nan@{step}" in _POINTS
+
+
+def maybe_raise(point: str, key: int) -> None:
+    """Raise a RuntimeError if ``point@key`` was requested (an unexpected error of the code
+    that handles a file, e.g. ``trainerror@1`` when the daemon starts training file 1)."""
+    if _POINTS and f"{point}@{key}" in _POINTS:
+        raise RuntimeError(f"injected error {point}@{key} (EVERTRAIN_FAULT)")
 
 
 def maybe_crash(point: str, step: int, sub: int | None = None) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from evertrain.daemon.errors import is_run_error
 from evertrain.daemon.ledger import PENDING, FileRow
 from evertrain.daemon.stream import FilePlan
+from evertrain.errors import DivergedError
 
 if TYPE_CHECKING:
     from evertrain.daemon.layout import RunLayout
@@ -97,6 +98,19 @@ class BadFiles:
         if deaths != MAX_DEATHS:
             reason += f" ({deaths} deaths recorded)"
         self._reject(row, reason, **self._leave_file(plan))
+
+    def _stops_the_group(self, row: FileRow, e: Exception) -> bool:
+        """Whether ``e`` is an error of ``row``'s training that stops a group of ranks (it
+        cannot be rejected while the other ranks may wait in a collective): it counts as a
+        death, so the next start after :data:`MAX_DEATHS` quarantines the file instead of
+        stopping on it again and again."""
+        return (
+            self._phase == "training"
+            and self.trainer.world_size > 1
+            and not is_run_error(e)
+            and not isinstance(e, DivergedError)
+            and row.id not in self.stream.completed
+        )
 
     def _is_file_error(self, row: FileRow, e: Exception) -> bool:
         """Whether ``e``, raised while working on ``row``, rejects the file (else it stops

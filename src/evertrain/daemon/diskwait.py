@@ -32,6 +32,10 @@ def disk_error(e: BaseException) -> BaseException | None:
     """The full-disk or read-only error behind ``e`` (``e`` itself or one of its causes or
     contexts: a :class:`~evertrain.checkpoint.errors.CheckpointWriteError` wraps the
     ``OSError``), else None."""
+    from evertrain.checkpoint.errors import InsufficientDiskSpaceError
+
+    if isinstance(e, InsufficientDiskSpaceError):  # too little space to try a save at all
+        return e
     seen: set[int] = set()
     err: BaseException | None = e
     while err is not None and id(err) not in seen:

@@ -44,7 +44,7 @@ from evertrain.daemon.settings import replay_rows
 from evertrain.daemon.stream import FilePlan, FileTooSmallError, file_batches, plan_file
 from evertrain.data import DataCursor, DataError, TokenizedDataset, validate_file
 from evertrain.errors import DivergedError
-from evertrain.faults import maybe_crash
+from evertrain.faults import maybe_crash, maybe_raise
 
 if TYPE_CHECKING:
     from evertrain.config import RunConfig, WatchConfig
@@ -99,10 +99,15 @@ class FileWork(BadFiles):
         it, or start/resume, validate and train it, rejecting it on an error of its own."""
         if not self._begin_attempt(row):
             return
+        died = False
         try:
             self._work(row)
+        except Exception as e:
+            died = self._stops_the_group(row, e)
+            raise
         finally:
-            self._end_attempt(row)
+            if not died:
+                self._end_attempt(row)
 
     def _work(self, row: FileRow) -> None:
         self._phase = "validating"
@@ -303,6 +308,7 @@ class FileWork(BadFiles):
             cursor=cursor.state_dict(),
             pool=[self._file_ref(file_id) for file_id, _ in plan.replay_pool],
         )
+        maybe_raise("trainerror", row.id)
         batches = file_batches(
             plan,
             cursor,
