@@ -74,6 +74,16 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return tmp / "src", run
 
 
+def dashboard_status(run: Path) -> dict[str, Any]:
+    from starlette.testclient import TestClient
+
+    from evertrain.dashboard.app import create_app
+
+    app = create_app(run, token="t" * 43, loopback=True, port=8765, max_upload_bytes=1 << 20)
+    with TestClient(app, base_url="http://127.0.0.1:8765") as c:
+        return dict(c.get("/api/status").json()["status"])
+
+
 def _enospc(where: str) -> OSError:
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), where)
 
@@ -155,6 +165,8 @@ def test_full_disk_at_each_write_layer_pauses_and_resumes_bit_identical(
         ), s["warning"]
         wait_for(lambda: fault["hits"] >= 2, what="a retry while still full")
         assert status(run)["state"] == "paused" and thread.is_alive()
+        shown = dashboard_status(run)  # what the dashboard's page shows
+        assert shown["state"] == "paused" and shown["warning"] == status(run)["warning"]
         fault["armed"] = fault["full"] = False  # space freed
     finally:
         fault["armed"] = fault["full"] = False

@@ -82,6 +82,37 @@ def test_nonfinite_step_stops_with_exit_3_and_saves_nothing_from_it(tmp_path: Pa
     assert trained == [1, 2, 3, 4]  # step 5 was never applied nor logged
 
 
+def test_infinite_gradient_with_a_finite_loss_also_stops(tmp_path: Path) -> None:
+    cfg = write_config(
+        tmp_path,
+        train={"max_steps": 8, "eval_every_steps": None},
+        checkpoint={"every_steps": 2, "keep_last": 10},
+    )
+    run = tmp_path / "run"
+    proc = evertrain("train", str(cfg), "--run-dir", str(run), fault="gradinf@5", check=False)
+    assert proc.returncode == 3, proc.stderr
+    err = proc.stderr.strip().splitlines()[-1]
+    assert "diverged at global_step 5" in err and "step-00000004" in err, err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "step-00000004"
+    assert all(x["global_step"] < 5 for x in lines(run) if x["kind"] == "train")
+
+
+def test_watch_stops_with_exit_3_naming_the_file(tmp_path: Path) -> None:
+    from daemon_util import drop, equal_files, rows, watch_config
+
+    files = equal_files(tmp_path / "src", 2, train_rows=24, val_rows=3)
+    run = tmp_path / "run"
+    for f in files:
+        drop(f, run / "inbox")
+    cfg = watch_config(tmp_path, checkpoint={"every_steps": 2, "keep_last": 10})
+    proc = evertrain("watch", str(run), "--config", str(cfg), "--once", fault="nan@5", check=False)
+    assert proc.returncode == 3, proc.stderr
+    err = [x for x in proc.stderr.strip().splitlines() if x.startswith("error: ")]
+    assert len(err) == 1 and "part-1.jsonl" in err[0], err  # file 2 trains steps 4..6
+    assert "diverged at global_step 5" in err[0] and "step-00000004" in err[0], err
+    assert [r.status for r in rows(run)] == ["done", "training"]  # kept for the next start
+
+
 def test_nonfinite_step_is_skipped_when_asked(tmp_path: Path) -> None:
     run, proc = nan_run(tmp_path, "skip")
     assert proc.returncode == 0, proc.stderr  # type: ignore[attr-defined]

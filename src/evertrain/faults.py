@@ -18,10 +18,11 @@ _SPEC = os.environ.get("EVERTRAIN_FAULT", "")
 _POINTS = {p.strip() for p in _SPEC.split(",") if p.strip()}
 
 
-def poisoned(step: int) -> bool:
-    """True if ``nan@step`` was requested: the trainer then makes that step's loss NaN
-    (the divergence guard's test; a real divergence needs no help)."""
-    return bool(_POINTS) and f"nan@{step}" in _POINTS
+def poisoned(step: int, kind: str = "nan") -> bool:
+    """True if ``nan@step`` (or ``gradinf@step``) was requested: the trainer then makes that
+    step's loss NaN (or, with a finite loss, its gradients infinite): the divergence guard's
+    tests; a real divergence needs no help."""
+    return bool(_POINTS) and f"{kind}@{step}" in _POINTS
 
 
 def maybe_raise(point: str, key: int) -> None:

@@ -77,12 +77,27 @@ def backward_step(
                 summed = loss_fn(forward, batch)
             if micro == 0 and poisoned(global_step):
                 summed = summed * math.nan
+            if micro == 0 and poisoned(global_step, "gradinf"):
+                summed = _InfiniteGradient.apply(summed)
             # scale in the loss's dtype, as a Python float would have been
             (summed * scale.to(device=summed.device, dtype=summed.dtype)).backward()
         loss_sum = loss_sum + summed.detach().double()
         maybe_crash("micro", global_step, micro)
         group.maybe_crash("micro", global_step, micro)
     return loss_sum, counts
+
+
+class _InfiniteGradient(torch.autograd.Function):
+    """Identity whose gradient is infinite (the ``gradinf@N`` fault: a finite loss with a
+    non-finite gradient norm)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad * math.inf
 
 
 def host_counts(batch: Mapping[str, torch.Tensor], real: torch.Tensor | None) -> tuple[int, int]:
