@@ -28,7 +28,7 @@ import torch
 
 from evertrain import distributed
 from evertrain import owners as owners_lib
-from evertrain.checkpoint import CheckpointInfo, InsufficientDiskSpaceError, retention_from_config
+from evertrain.checkpoint import CheckpointInfo, retention_from_config
 from evertrain.checkpointer import Checkpointer, ResumeError
 from evertrain.config import CheckpointConfig, ConfigError
 from evertrain.data import DataCursor, make_loader
@@ -286,11 +286,7 @@ class Trainer:
         owners[name].load_state_dict(state)
 
     def owner_state(self, name: str) -> dict[str, Any]:
-        """Owner ``name``'s current state dict (as it would be saved).
-
-        Raises:
-            KeyError: no owner ``name``.
-        """
+        """Owner ``name``'s current state dict, as it would be saved (KeyError: no owner)."""
         return dict(self.ckpt.owners[name].state_dict())
 
     def override_owner_state(self, name: str, state: dict[str, Any]) -> None:
@@ -316,7 +312,7 @@ class Trainer:
         self.ckpt.wait()
 
     def save_policy_last_step(self) -> int | None:
-        """global_step of the last checkpoint this process committed (or resumed from)."""
+        """global_step of the last checkpoint committed here (or resumed from)."""
         return self.ckpt.last_saved_step
 
     # ------------------------------------------------------------------ eval
@@ -487,9 +483,7 @@ class Trainer:
                 ``train_data``.
             RuntimeError: :meth:`resume` or :meth:`start_fresh` was not called.
             CheckpointError: a save failed (see :meth:`save`).
-            InsufficientDiskSpaceError: the last save (at the end, or at a stop signal) was
-                skipped for too little disk space, so the steps since the newest
-                checkpoint are not kept.
+            InsufficientDiskSpaceError: the last save was skipped for too little disk space.
         """
         p, cursor = self.progress, self.cursor
         if self.total_steps is None:
@@ -522,15 +516,8 @@ class Trainer:
             )
             # Inside the signal guard: a second SIGTERM cannot cut the last save short.
             self.wait_for_checkpoint()
-        if (skipped := self.ckpt.skipped_save) is not None:
-            # "done" would tell a script the steps since the newest checkpoint were kept
-            raise InsufficientDiskSpaceError(
-                skipped.path,
-                skipped.free_bytes,
-                skipped.required_bytes,
-                f"the checkpoint of global_step {p.global_step} was not written: {skipped}; "
-                f"the newest checkpoint is global_step {self.ckpt.last_saved_step}",
-            )
+        if self.ckpt.skipped_save is not None:  # "done" would say the steps were kept
+            raise self.ckpt.skipped_save.unsaved(p.global_step, self.ckpt.last_saved_step)
         if self.ckpt.should_stop:
             log.warning(
                 "stopped by %s at global_step %d; checkpoint saved. Resume with the "

@@ -61,3 +61,14 @@ class InsufficientDiskSpaceError(CheckpointError):
         self.free_bytes = free_bytes
         self.required_bytes = required_bytes
         super().__init__(msg)
+
+    def unsaved(self, step: int, newest: int | None) -> InsufficientDiskSpaceError:
+        """This error, said of a loop that ended (or stopped) with ``step`` unsaved while
+        the newest checkpoint is ``newest`` (None: there is none)."""
+        return InsufficientDiskSpaceError(
+            self.path,
+            self.free_bytes,
+            self.required_bytes,
+            f"the checkpoint of global_step {step} was not written: {self}; the newest "
+            f"checkpoint is global_step {newest}",
+        )
