@@ -9,6 +9,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
+
 from evertrain.daemon.ledger import FileRow, Ledger
 
 
@@ -63,3 +65,22 @@ def test_a_ledger_of_an_earlier_version_gets_its_counts_on_open(tmp_path: Path) 
     _add(again, 6, "queued")
     assert again.counts()["queued"] == 1
     again.close()
+
+
+def test_a_ledger_of_another_schema_version_is_refused_unchanged(tmp_path: Path) -> None:
+    from evertrain.daemon.ledger import LedgerError
+
+    path = tmp_path / "ledger.sqlite"
+    Ledger(path).close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    db.execute("DROP TABLE status_counts")  # what a later version might not have
+    db.commit()
+    db.close()
+    before = path.read_bytes()
+    with pytest.raises(LedgerError, match="ledger schema version 2, this evertrain reads 1"):
+        Ledger(path)
+    db = sqlite3.connect(path)
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    db.close()
+    assert "status_counts" not in tables and path.read_bytes() == before

@@ -528,7 +528,10 @@ class Checkpointer:
                 self.last_saved_step,
             )
         try:
-            self.manager.close()
+            self.manager.close()  # the background commit, the side group's last user, is over
+            if self._side is not None:
+                self.group.destroy_side_group(self._side)
+                self._side = None
         finally:
             if self.metrics is not None:
                 self.metrics.close()

@@ -140,6 +140,12 @@ class Group:
         pg = dist.new_group(backend="gloo")
         return replace(self, backend="gloo", pg=pg)
 
+    def destroy_side_group(self, side: Group) -> None:
+        """Destroy ``side`` (from :meth:`side_group`) once no thread uses it: each one holds
+        gloo sockets and a thread per rank pair until the process exits."""
+        if side.pg is not self.pg and side.pg is not None and dist.is_initialized():
+            dist.destroy_process_group(side.pg)
+
     def tensor(self, values: Sequence[float | int], dtype: torch.dtype) -> torch.Tensor:
         """``values`` as a tensor on the device this group's collectives use."""
         return self._t(values, dtype)

@@ -197,6 +197,14 @@ class Ledger:
                 self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
+                # refused before any change: a ledger of another version is left as it is
+                found = self.meta_get("schema_version") if _has_table(self._db, "meta") else None
+                if found != SCHEMA_VERSION:
+                    self._db.close()
+                    raise LedgerError(
+                        f"{self.path}: ledger schema version {found!r}, this evertrain reads "
+                        f"{SCHEMA_VERSION}; use the evertrain version that wrote it"
+                    )
                 self._db.executescript(_SCHEMA)  # IF NOT EXISTS: tables added by later versions
                 have = {r[1] for r in self._db.execute("PRAGMA table_info(files)")}
                 for column, decl in _ADDED_COLUMNS.items():
