@@ -243,6 +243,32 @@ def test_mlflow_and_wandb_catch_up_on_what_they_lack(tmp_path: Path) -> None:
     ]
 
 
+def test_mlflow_keeps_an_eval_point_whose_train_point_it_holds(tmp_path: Path) -> None:
+    """Killed between step 3's train and eval records: MLflow holds train/loss at 3 but no
+    eval. The resumed run replays step 3: its train point is held, its eval point is not."""
+    from mlflow.tracking import MlflowClient
+
+    from evertrain.trackers import MLflowTracker
+
+    first, again = MLflowTracker(experiment="e"), MLflowTracker(experiment="e")
+    first.start(tmp_path, 0, _history(range(0)))
+    for s in (1, 2, 3):
+        first.log({"kind": "train", "global_step": s, "loss": 10.0 - s})
+    first.log({"kind": "eval", "global_step": 2, "val_loss": 5.0})
+    first.close()  # the kill: step 3's eval record never reached MLflow
+    again.start(tmp_path, 2, _history(range(1, 3)))  # resumed from the checkpoint of step 2
+    again.log({"kind": "train", "global_step": 3, "loss": 7.0})
+    again.log({"kind": "eval", "global_step": 3, "val_loss": 4.0})
+    again.close()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def history(key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in client.get_metric_history(again.run_id, key)]
+
+    assert history("train/loss") == [(1, 9.0), (2, 8.0), (3, 7.0)]
+    assert history("eval/val_loss") == [(2, 5.0), (3, 4.0)]
+
+
 def test_an_explicit_fresh_start_opens_new_tracker_runs(tmp_path: Path) -> None:
     """``train --fresh`` (``start_fresh()``): the old MLflow/W&B run ids are set aside, not
     deleted, so the new run's steps are not skipped as held; a run directory whose first

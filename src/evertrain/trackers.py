@@ -83,23 +83,34 @@ class Tracker(Protocol):
 
 
 class _CatchUp:
-    """Skip what the tracker already holds (steps up to ``held``), log the rest: the
-    records of ``history`` first, then the live ones."""
+    """Skip what the tracker already holds (steps up to ``held``, or per tag up to
+    ``held_by_tag`` where the tracker can tell), log the rest: the records of ``history``
+    first, then the live ones."""
 
     held = -1
+    # a kill between a step's train and eval records leaves the run holding the step for
+    # one tag but not the other: a run-wide maximum would skip the eval point for good
+    held_by_tag: dict[str, int] | None = None
 
     def catch_up(self, history: History, global_step: int) -> None:
+        if self.held_by_tag is not None:
+            self.held = min(self.held_by_tag.values(), default=-1)
         if self.held >= global_step:
             return  # it has every step up to the resume: no need to read metrics.jsonl
         for record in history():
-            got = scalars(record)
-            if got is not None and got[0] > self.held:
-                self._send(*got)
+            self.log(record)
 
     def log(self, record: Mapping[str, Any]) -> None:
         got = scalars(record)
-        if got is not None and got[0] > self.held:
-            self._send(*got)
+        if got is None:
+            return
+        step, values = got
+        if self.held_by_tag is not None:
+            values = {k: v for k, v in values.items() if step > self.held_by_tag.get(k, -1)}
+        elif step <= self.held:
+            return
+        if values:
+            self._send(step, values)
 
     def _send(self, step: int, values: dict[str, float]) -> None:
         raise NotImplementedError
@@ -261,8 +272,10 @@ class MLflowTracker(_CatchUp):
             self.run_id = str(state["run_id"])
             client.update_run(self.run_id, status="RUNNING")
             keys = client.get_run(self.run_id).data.metrics
-            steps = [m.step for k in keys for m in client.get_metric_history(self.run_id, k)]
-            self.held = max(steps, default=-1)
+            self.held_by_tag = {
+                k: max((m.step for m in client.get_metric_history(self.run_id, k)), default=-1)
+                for k in keys
+            }
         else:
             name = self.experiment or run_dir.resolve().name
             exp = client.get_experiment_by_name(name)
