@@ -31,26 +31,30 @@ memory, and reads the checkpoint's files of every rank.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from evertrain.checkpoint.format import TENSOR_REF
 from evertrain.state import StateError, check_version
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 SHARDS_KEY = "shards"
 
 
 def is_sharded_model(model: torch.nn.Module) -> bool:
     """Whether ``model`` holds DTensor parameters (``fully_shard`` or tensor parallel)."""
+    # torch.distributed.tensor costs ~0.5 s of every start (issue 14, time to first step),
+    # and a model can hold a DTensor only once something imported it
+    if "torch.distributed.tensor" not in sys.modules:
+        return False
+    from torch.distributed.tensor import DTensor
+
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
@@ -95,6 +99,8 @@ def local_shards(state: Mapping[str, Any], world_size: int, rank: int) -> dict[s
     Raises:
         StateError: a DTensor whose local part is not the one box its placement implies.
     """
+    from torch.distributed.tensor import DTensor
+
     layout: dict[str, Any] = {}
 
     def cut(path: str, leaf: Any) -> Any:
@@ -196,6 +202,8 @@ class ShardedOwner:
                 "sharded owner: got one rank's part; merge every rank's part with "
                 "evertrain.sharded.merge_shards first"
             )
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
         lazy = state if isinstance(state, LazyShards) else None
         tree = lazy.base() if lazy is not None else dict(state)
         live = {p: t for p, t in _leaves(self.inner.state_dict()).items() if isinstance(t, DTensor)}
@@ -257,6 +265,8 @@ class DCPOptimizerState:
         self.model, self.optimizer = model, optimizer
 
     def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
         osd: Any = get_optimizer_state_dict(self.model, self.optimizer)
         groups = [
             {k: list(v) if isinstance(v, tuple) else v for k, v in g.items()}
@@ -283,6 +293,11 @@ class DCPOptimizerState:
             {k: tuple(v) if k == "betas" else v for k, v in g.items()}
             for g in state["param_groups"]
         ]
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
         try:
             set_optimizer_state_dict(
                 self.model,
