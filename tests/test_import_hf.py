@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -205,3 +207,32 @@ def test_cli_never_opens_training_args(hf_run: Any, tmp_path: Path) -> None:
         "import-hf", str(planted), "--run-dir", str(run), "--config", str(config_path), check=False
     )
     assert bad.returncode == 2 and "already has checkpoints" in bad.stderr
+
+
+@pytest.mark.parametrize("hf_run", ["lora"], indirect=True)
+def test_import_into_a_run_another_process_writes_is_refused(hf_run: Any, tmp_path: Path) -> None:
+    _, ckpt, _, config_path, _ = hf_run
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from evertrain.runlock import RunLock; "
+            f"RunLock({str(run / 'daemon.lock')!r}).acquire(); print('held', flush=True); "
+            "time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        proc = evertrain(
+            "import-hf", str(ckpt), "--run-dir", str(run), "--config", str(config_path), check=False
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 2, proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert f"is in use by PID {holder.pid} on " in line
+    assert not (run / "checkpoints").exists() or not list((run / "checkpoints").iterdir())
