@@ -32,7 +32,8 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path: Path) -> None
             second = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=120)
             assert second.returncode == 2, second.stderr
             lines = second.stderr.strip().splitlines()
-            assert len(lines) == 1 and f"is in use by PID {first.pid} on {socket.gethostname()} (since " in lines[0]
+            holder = f"is in use by PID {first.pid} on {socket.gethostname()} (since "
+            assert len(lines) == 1 and holder in lines[0]
         with pytest.raises(RunLockedError, match=f"PID {first.pid}"):
             evertrain.Checkpointer(run)
         assert first.poll() is None  # the holder trains on
