@@ -148,6 +148,15 @@ def summary() -> list[tuple[str, float, str]]:
             ("tokens/s, gradient checkpointing / none (SmolLM2 LoRA)",
              q["tokens_per_s_ckpt_vs_plain"], ""),
         ]  # fmt: skip
+    if "packing" in r:
+        q, model = r["packing"]["ratios"], r["packing"]["model"]
+        rows += [
+            (f"target tokens/s, packing masked / HF Trainer padded (short records, {model})",
+             q["masked_vs_hf_trainer"], ">= 1.3"),
+            (f"target tokens/s, packing masked / plain loop padded to seq_len ({model})",
+             q["masked_vs_plain"], ""),
+            (f"target tokens/s, packing masked / greedy ({model})", q["masked_vs_greedy"], ""),
+        ]  # fmt: skip
     if "scaling" in r:
         for row in r["scaling"]["rows"]:
             if row.get("target"):
@@ -239,6 +248,7 @@ def main() -> None:
             run("bench_threads.py", "--repeats", "1" if a.quick else "3", *(["--quick"] * a.quick))
             run("bench_startup.py", "--repeats", "1" if a.quick else "3")
             run("bench_compile.py", "--repeats", "1" if a.quick else "2", *(["--quick"] * a.quick))
+            run("bench_packing.py", *(["--quick"] if a.quick else ["--repeats", "3"]))
             run("bench_scaling.py", "--repeats", "1" if a.quick else "3")
             if not a.quick:
                 run("bench_memory.py", "--repeats", "2")

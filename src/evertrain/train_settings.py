@@ -27,7 +27,7 @@ class StepStats:
     """What one optimizer step did (the line written to ``metrics.jsonl``)."""
 
     global_step: int
-    loss: float  # mean of the micro-batch losses (each a token-mean cross-entropy, nats)
+    loss: float  # cross-entropy per target token over the step's micro-batches and ranks, nats
     lr: float
     grad_norm: float
     tokens: int  # non-padding input tokens in this step

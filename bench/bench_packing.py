@@ -1,0 +1,297 @@
+"""Benchmark: useful (target) tokens per second with ``data.packing: masked`` against the
+padded batches of the HF Trainer and of a plain PyTorch + PEFT loop (issue 14, item 3).
+
+Job: LoRA r=8 (alpha 16, dropout 0, evertrain's default targets) on the bundled
+SmolLM2-135M, float32, one torch thread, AdamW lr 2e-4 constant, clipping at 1.0,
+micro-batch 4 rows, ``seq_len`` 256, one epoch over the same documents for every method.
+
+Data: short prompt/completion records cut from CPython's reference documentation (the
+main job's text, :func:`evertrain.data.pydoc.pydoc_records`): the prompt is the start of a
+sentence, the completion the start of the next one, so a record's median length is far
+under a quarter of ``seq_len`` (the bench checks it and prints it). Every method trains the
+completion tokens and ``eos`` of every record (targets), and nothing is truncated. Packing
+continues a record that does not fit at the start of the next row, where its first token
+cannot be a target (nothing precedes it in the row): the packed runs train up to one target
+token per row fewer (the bench checks that bound and counts only the targets trained).
+
+- ``evertrain_masked``: ``Trainer.fit`` with ``data.packing: masked`` (rows of 256 tokens
+  holding many records, ``position_ids`` restarting per record, attention kept inside each
+  record: what is learned is the same as unpacked).
+- ``evertrain_greedy`` (information): ``data.packing: true`` (attention spans records).
+- ``hf_trainer``: ``transformers.Trainer`` with ``DataCollatorForSeq2Seq`` padding each
+  batch to its longest record (the usual SFT set-up; the strongest padded baseline).
+- ``plain``: a hand-written loop over records right-padded to ``seq_len``, the simplest
+  padded loop.
+
+Useful tokens/s = the epoch's target tokens over the time from the start of optimizer step 1
+to the end of the last step (tokenisation and model loading excluded; each method's step 1
+is in the window, as it is for the others). Methods rotate between repeats; ratios are
+medians of per-repeat ratios (``common.pairwise``).
+
+Usage: ``python bench/bench_packing.py [--repeats 3] [--records 240] [--quick]``
+(``--quick``: the built-in tiny Llama instead of SmolLM2, one repeat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import median, pairwise, print_table, rotated, workdir, write_json
+
+from evertrain.config import load_config
+from evertrain.recipe import build_trainer
+
+SEQ_LEN, MICRO_BATCH, LR, MAX_GRAD_NORM, SEED = 256, 4, 2e-4, 1.0, 1234
+METHODS = ["evertrain_masked", "evertrain_greedy", "hf_trainer", "plain"]
+
+
+def make_data(path: Path, records: int, max_words: int = 24, seed: int = 0) -> None:
+    """``records`` prompt/completion lines from consecutive sentences of the pydoc topics."""
+    from evertrain.data.pydoc import pydoc_records
+
+    sentences = []
+    for _topic, pieces in pydoc_records():
+        for piece in pieces:
+            sentences += [s.split() for s in re.split(r"(?<=[.!?:])\s+", piece) if s.strip()]
+    rng = random.Random(seed)
+    consecutive = zip(sentences, sentences[1:], strict=False)
+    pairs = [(a, b) for a, b in consecutive if len(a) >= 4 and len(b) >= 3]
+    rng.shuffle(pairs)
+    with open(path, "w", encoding="utf-8") as f:
+        for a, b in pairs[:records]:
+            prompt = " ".join(a[: rng.randint(4, max_words)])
+            completion = " " + " ".join(b[: rng.randint(3, max_words)])
+            f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+
+
+def config(data: Path, model: str, packing: str) -> Any:
+    return load_config(
+        {
+            "seed": SEED,
+            "model": {"source": model, "dropout": 0.0, "num_threads": 1},
+            **({"lora": {"r": 8, "alpha": 16, "dropout": 0.0}} if model != "tiny" else {}),
+            "data": {"files": [str(data)], "seq_len": SEQ_LEN, "val_fraction": 0.0,
+                     "packing": packing},
+            "train": {"micro_batch_size": MICRO_BATCH, "epochs": 1, "lr": LR,
+                      "schedule": {"name": "constant"}, "max_grad_norm": MAX_GRAD_NORM},
+        }
+    )  # fmt: skip
+
+
+def run_evertrain(cfg: Any, run: Path) -> tuple[float, int, int]:
+    """(seconds from the start of step 1 to the end of the last step, target tokens, steps)."""
+    shutil.rmtree(run, ignore_errors=True)
+    tr = build_trainer(cfg, run)
+    tr.resume()
+    targets = sum(cfg.model.target_tokens(tr.train_ds[i]["labels"][None].long())
+                  for i in range(len(tr.train_ds)))  # fmt: skip
+    ends: list[tuple[float, float]] = []
+    tr.on_step.append(lambda s: ends.append((time.perf_counter(), s.seconds)))
+    tr.fit()
+    tr.close()
+    shutil.rmtree(run, ignore_errors=True)
+    return ends[-1][0] - (ends[0][0] - ends[0][1]), int(targets), len(ends)
+
+
+def peer_rows(model_dir: Path, data: Path) -> tuple[Any, list[dict[str, list[int]]]]:
+    """The tokenizer and each record as ``input_ids``/``labels`` lists the way a user writes
+    it: ``tokens(prompt) + tokens(completion) + [eos]``, the prompt's labels -100."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    rows = []
+    for line in data.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        p = tok(rec["prompt"])["input_ids"]
+        c = tok(rec["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert len(p) + len(c) <= SEQ_LEN, "a record longer than seq_len would be truncated"
+        rows.append({"input_ids": p + c, "labels": [-100] * len(p) + c})
+    return tok, rows
+
+
+def peer_model(model_dir: Path, lora: bool) -> Any:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from evertrain.models.lora import default_target_modules
+
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, local_files_only=True, dtype=torch.float32, use_safetensors=True
+    )
+    if not lora:
+        return model
+    targets = default_target_modules(model.config.model_type)
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                            target_modules=targets))  # fmt: skip
+
+
+def shifted_targets(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != -100).sum())
+
+
+def run_hf_trainer(model_dir: Path, data: Path, work: Path, lora: bool) -> tuple[float, int, int]:
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    tok, rows = peer_rows(model_dir, data)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    marks: list[float] = []
+    targets = [0]
+    collate = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100)
+
+    def collator(features: list[dict[str, Any]]) -> Any:
+        batch = collate([dict(f) for f in features])
+        targets[0] += shifted_targets(batch["labels"])
+        return batch
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if not marks:
+                marks.append(time.perf_counter())
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            marks[1:] = [time.perf_counter()]
+
+    args = TrainingArguments(
+        output_dir=str(work / "hf"), per_device_train_batch_size=MICRO_BATCH,
+        num_train_epochs=1, learning_rate=LR, lr_scheduler_type="constant",
+        max_grad_norm=MAX_GRAD_NORM, eval_strategy="no", save_strategy="no",
+        logging_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True,
+        dataloader_num_workers=0, seed=SEED,
+    )  # fmt: skip
+    trainer = Trainer(model=peer_model(model_dir, lora), args=args, train_dataset=rows,
+                      data_collator=collator, callbacks=[Clock()])  # fmt: skip
+    out = trainer.train()
+    shutil.rmtree(work / "hf", ignore_errors=True)
+    return marks[1] - marks[0], targets[0], int(out.global_step)
+
+
+def run_plain(model_dir: Path, data: Path, lora: bool) -> tuple[float, int, int]:
+    tok, rows = peer_rows(model_dir, data)
+    pad = tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id
+    ids = torch.full((len(rows), SEQ_LEN), pad, dtype=torch.long)
+    labels = torch.full((len(rows), SEQ_LEN), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), SEQ_LEN), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = (
+            torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1,
+        )  # fmt: skip
+    model = peer_model(model_dir, lora)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(SEED))
+    t0, targets, steps = time.perf_counter(), 0, 0
+    for start in range(0, len(rows), MICRO_BATCH):
+        pick = order[start : start + MICRO_BATCH]
+        loss = model(input_ids=ids[pick], attention_mask=mask[pick], labels=labels[pick]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        targets += shifted_targets(labels[pick])
+        steps += 1
+    return time.perf_counter() - t0, targets, steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--records", type=int, default=240)
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    model = "tiny" if a.quick else "smollm2-135m"
+    repeats = 1 if a.quick else a.repeats
+    work = workdir("packing")
+    data = work / "short.jsonl"
+    make_data(data, a.records, max_words=5 if a.quick else 24)  # the tiny model: byte tokens
+    cfgs = {m: config(data, model, "masked" if m == "evertrain_masked" else "greedy")
+            for m in METHODS[:2]}  # fmt: skip
+    model_dir = work / "model"
+    if model == "tiny":
+        from evertrain.models.tiny import build_tiny
+
+        tiny, tok = build_tiny(cfgs["evertrain_masked"].model)
+        tiny.save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+    else:  # evertrain converts the bundled GGUF once; the peers load the converted directory
+        from evertrain.models import load_model
+        from evertrain.models.cache import cache_root
+        from evertrain.models.sources import SMOLLM2
+
+        load_model(cfgs["evertrain_masked"].model, None)
+        model_dir = cache_root(None) / f"{SMOLLM2}-float32"
+    _tok, rows = peer_rows(model_dir, data)
+    lengths = [len(r["input_ids"]) for r in rows]
+    print(f"{len(rows)} records, tokens per record: median {statistics.median(lengths):.0f}, "
+          f"max {max(lengths)}; seq_len {SEQ_LEN}")  # fmt: skip
+    assert a.quick or statistics.median(lengths) < SEQ_LEN / 4
+    rate: dict[str, list[float]] = {m: [] for m in METHODS}
+    runs: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
+    for i in range(repeats):
+        for m in rotated(METHODS, i):
+            if m.startswith("evertrain"):
+                seconds, targets, steps = run_evertrain(cfgs[m], work / m)
+            elif m == "hf_trainer":
+                seconds, targets, steps = run_hf_trainer(model_dir, data, work, model != "tiny")
+            else:
+                seconds, targets, steps = run_plain(model_dir, data, model != "tiny")
+            runs[m].append({"seconds": seconds, "targets": targets, "steps": steps})
+            rate[m].append(targets / seconds)
+            print(f"  {m}: {steps} steps, {targets} target tokens, {seconds:.1f} s", flush=True)
+    counts = {m: {r["targets"] for r in runs[m]} for m in METHODS}
+    peers = counts["hf_trainer"] | counts["plain"]
+    # packing splits a record across rows; the continued part's first token starts its row
+    # and is no target there (nothing precedes it): at most one token per row, so packing
+    # trains slightly fewer targets, and its rate counts only those it trained
+    rows_packed = max(r["steps"] for r in runs["evertrain_masked"]) * MICRO_BATCH
+    assert len(peers) == 1 and all(
+        0 <= min(peers) - t <= rows_packed for m in METHODS[:2] for t in counts[m]
+    ), f"unequal work: target tokens {counts}"
+    rows_out = [[m, median(rate[m]), median([r["steps"] for r in runs[m]]),
+                 pairwise(rate[m], rate["hf_trainer"]), pairwise(rate[m], rate["plain"])]
+                for m in METHODS]  # fmt: skip
+    print_table(
+        f"useful (target) tokens/s, one epoch of {len(rows)} short records, {model}, "
+        f"seq_len {SEQ_LEN}, micro-batch {MICRO_BATCH} ({repeats} runs, pairwise ratios)",
+        ["method", "targets/s", "steps", "x hf_trainer", "x plain"],
+        rows_out,
+    )
+    write_json(
+        "packing",
+        {
+            "model": model,
+            "records": len(rows),
+            "record_tokens": {"median": statistics.median(lengths), "max": max(lengths)},
+            "seq_len": SEQ_LEN,
+            "micro_batch": MICRO_BATCH,
+            "repeats": repeats,
+            "runs": runs,
+            "target_tokens_per_s": {m: median(r) for m, r in rate.items()},
+            "ratios": {
+                "masked_vs_hf_trainer": pairwise(rate["evertrain_masked"], rate["hf_trainer"]),
+                "masked_vs_plain": pairwise(rate["evertrain_masked"], rate["plain"]),
+                "greedy_vs_hf_trainer": pairwise(rate["evertrain_greedy"], rate["hf_trainer"]),
+                "masked_vs_greedy": pairwise(rate["evertrain_masked"], rate["evertrain_greedy"]),
+            },
+        },
+    )
+    shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
