@@ -65,7 +65,7 @@ def test_second_daemon_refused_and_sigterm_leaves_a_checkpoint(tmp_path: Path) -
         wait_for(lambda: status(run).get("state") == "paused", what="paused")
         second = evertrain("watch", str(run), check=False, timeout=120)
         assert second.returncode == 2, second.stderr
-        assert f"pid {first.pid}" in second.stderr and "another `evertrain watch`" in second.stderr
+        assert f"PID {first.pid}" in second.stderr and "another `evertrain watch`" in second.stderr
 
         shown = CliRunner().invoke(app, ["status", str(run), "--json"])
         assert shown.exit_code == 0, shown.output
