@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parent
-RESULTS = ROOT / "results"
+# run_all.py --load points this at results-load/, so a loaded run never overwrites the quiet one
+RESULTS = Path(os.environ.get("EVERTRAIN_BENCH_RESULTS", ROOT / "results"))
 sys.path.insert(0, str(ROOT.parent / "src"))  # run from a checkout without installing
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

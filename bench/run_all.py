@@ -1,15 +1,18 @@
 """Run every checkpoint benchmark, each in a fresh process, and print the targets' ratios.
 
-Usage: ``.venv/bin/python bench/run_all.py [--quick]`` (``--quick``: fewer repeats, for a
-smoke test; the numbers in bench/README.md come from the default). Results land in
-``bench/results/*.json``; scratch files in ``$EVERTRAIN_BENCH_DIR`` (default
-``/tmp/evertrain-bench``, about 8 GB free needed).
+Usage: ``.venv/bin/python bench/run_all.py [--quick] [--load] [--write-readme]``
+(``--quick``: fewer repeats; ``--load``: one core kept busy by a background loop for the
+whole run). Results land in ``bench/results/*.json``, or ``bench/results-load/*.json`` with
+``--load``; ``--write-readme`` puts both into bench/README.md's table. Scratch files in
+``$EVERTRAIN_BENCH_DIR`` (default ``/tmp/evertrain-bench``, about 8 GB free needed).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,15 +21,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def run(script: str, *args: str) -> None:
+RESULT_DIRS = {"quiet": HERE / "results", "load": HERE / "results-load"}
+
+
+def run_one(script: str, *args: str, results: Path = RESULT_DIRS["quiet"]) -> None:
     t0 = time.perf_counter()
     print(f"\n===== {script} {' '.join(args)}", flush=True)
-    subprocess.run([sys.executable, str(HERE / script), *args], check=True)
+    env = {**os.environ, "EVERTRAIN_BENCH_RESULTS": str(results)}
+    subprocess.run([sys.executable, str(HERE / script), *args], check=True, env=env)
     print(f"===== {script}: {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def summary() -> list[tuple[str, float, str]]:
-    r = {p.stem: json.loads(p.read_text()) for p in (HERE / "results").glob("*.json")}
+def summary(results: Path = RESULT_DIRS["quiet"]) -> list[tuple[str, float, str]]:
+    """(measure, value, target) of every result in ``results``, printed as a table."""
+    r = {p.stem: json.loads(p.read_text()) for p in results.glob("*.json")}
     rows = []
     if "save_full" in r:
         q = r["save_full"]["ratios"]
@@ -166,8 +174,10 @@ def summary() -> list[tuple[str, float, str]]:
             rows.append(
                 (f"tokens/s at the default threads / best count ({job})", q["default_vs_best"], "")
             )
+    if not rows:
+        return rows
     width = max(len(n) for n, _, _ in rows)
-    print("\nTargets (pairwise medians):")
+    print(f"\nTargets (pairwise medians), {results.name}/:")
     for name, value, target in rows:
         print(f"  {name.ljust(width)}  {value:8.3f}  {target}  {verdict(value, target)}")
     return rows
@@ -186,22 +196,33 @@ def verdict(value: float, target: str) -> str:
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
-def write_readme(rows: list[tuple[str, float, str]]) -> None:
-    """Replace the table between the markers in bench/README.md with ``rows`` (from
-    bench/results/*.json, never typed by hand) and the machine's load when they ran."""
+def _loads(results: Path) -> str:
     loads = sorted(
         {tuple(json.loads(p.read_text())["machine"].get("load_avg_at_start", ()))[:1]
-         for p in (HERE / "results").glob("*.json")}
+         for p in results.glob("*.json")}
     )  # fmt: skip
+    return ", ".join(f"{x[0]:.1f}" for x in loads if x) or "-"
+
+
+def write_readme(quiet: list[tuple[str, float, str]], load: list[tuple[str, float, str]]) -> None:
+    """Replace the table between the markers in bench/README.md with the rows of the quiet
+    run and of the ``--load`` run (from bench/results*/*.json, never typed by hand) and the
+    machine's load when they ran."""
+    loaded = {n: v for n, v, _ in load}
     lines = [
         BEGIN,
         "",
-        "| measure | value | target | |",
-        "|---|---|---|---|",
-        *(f"| {n} | {v:.3g} | {t} | {verdict(v, t)} |" for n, v, t in rows),
+        "| measure | quiet | | under `--load` | | target |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {n} | {v:.3g} | {verdict(v, t)} | "
+            + (f"{loaded[n]:.3g} | {verdict(loaded[n], t)}" if n in loaded else "not run | ")
+            + f" | {t} |"
+            for n, v, t in quiet
+        ),
         "",
-        f"1-minute load averages when the benchmarks started: "
-        f"{', '.join(f'{x[0]:.1f}' for x in loads if x)} (2 vCPUs).",
+        f"1-minute load averages when the benchmarks started: quiet {_loads(RESULT_DIRS['quiet'])};"
+        f" under `--load` {_loads(RESULT_DIRS['load'])} (2 vCPUs).",
         "",
         END,
     ]
@@ -236,6 +257,8 @@ def main() -> None:
     try:
         if not a.summary_only:
             t0 = time.perf_counter()
+            out = RESULT_DIRS["load" if a.load else "quiet"]
+            run = functools.partial(run_one, results=out)
             run("bench_checkpoint.py", "--repeats", "2" if a.quick else "7")
             run("bench_resume.py", "--repeats", "1" if a.quick else "3")
             run(
@@ -248,7 +271,11 @@ def main() -> None:
             run("bench_threads.py", "--repeats", "1" if a.quick else "3", *(["--quick"] * a.quick))
             run("bench_startup.py", "--repeats", "1" if a.quick else "3")
             run("bench_compile.py", "--repeats", "1" if a.quick else "2", *(["--quick"] * a.quick))
-            run("bench_packing.py", *(["--quick"] if a.quick else ["--repeats", "3"]))
+            run(
+                "bench_packing.py",
+                *(["--repeats", "1", "--records", "120", "--plain-steps", "6"] if a.quick
+                  else ["--repeats", "3"]),
+            )  # fmt: skip
             run("bench_scaling.py", "--repeats", "1" if a.quick else "3")
             if not a.quick:
                 run("bench_memory.py", "--repeats", "2")
@@ -257,9 +284,10 @@ def main() -> None:
         if busy is not None:
             busy.kill()
             busy.wait()
-    rows = summary()
+    rows = summary(RESULT_DIRS["quiet"])
+    load_rows = summary(RESULT_DIRS["load"])
     if a.write_readme:
-        write_readme(rows)
+        write_readme(rows, load_rows)
 
 
 if __name__ == "__main__":
