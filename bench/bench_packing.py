@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import median, pairwise, print_table, rotated, workdir, write_json
+from common import lora_model, median, pairwise, print_table, rotated, workdir, write_json
 
 from evertrain.config import load_config
 from evertrain.recipe import build_trainer
@@ -132,20 +132,15 @@ def peer_rows(model_dir: Path, data: Path) -> tuple[Any, list[dict[str, list[int
 
 
 def peer_model(model_dir: Path, lora: bool) -> Any:
-    from peft import LoraConfig, get_peft_model
+    """The converted model, float32, with evertrain's LoRA (r=8, alpha 16, dropout 0, its
+    default llama targets) applied by PEFT as a user would (``common.lora_model``)."""
     from transformers import AutoModelForCausalLM
-
-    from evertrain.models.lora import default_target_modules
 
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, local_files_only=True, dtype=torch.float32, use_safetensors=True
     )
-    if not lora:
-        return model
-    targets = default_target_modules(model.config.model_type)
-    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                            target_modules=targets))  # fmt: skip
+    return lora_model(model, r=8) if lora else model
 
 
 def shifted_targets(labels: torch.Tensor) -> int:
