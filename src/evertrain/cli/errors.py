@@ -31,9 +31,7 @@ def user_errors() -> Iterator[None]:
         try:
             yield
         except Exception as e:
-            # a run dir that cannot be written from the start (its lock cannot be created)
-            # is bad input, exit 2: nothing ran, so there is nothing to resume
-            err = None if isinstance(e, (RunLockedError, RunDirNotWritableError)) else disk_error(e)
+            err = disk_error(e)
             if err is None:
                 raise
             # checkpoints commit atomically and metrics.jsonl is rewound on resume, so

@@ -33,9 +33,14 @@ def disk_error(e: BaseException) -> BaseException | None:
     contexts: a :class:`~evertrain.checkpoint.errors.CheckpointWriteError` wraps the
     ``OSError``), else None."""
     from evertrain.checkpoint.errors import InsufficientDiskSpaceError
+    from evertrain.runlock import RunDirNotWritableError
 
     if isinstance(e, InsufficientDiskSpaceError):  # too little space to try a save at all
         return e
+    if isinstance(e, RunDirNotWritableError):
+        # a run dir that cannot be created or locked is bad input (exit 2), not a pause:
+        # nothing ran, so waiting for space would wait for ever (its cause may be EROFS)
+        return None
     seen: set[int] = set()
     err: BaseException | None = e
     while err is not None and id(err) not in seen:
