@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import ByT5Tokenizer
 
 from evertrain.config import DataConfig
@@ -273,15 +274,31 @@ def test_cache_hit_equals_fresh_build(
     cfg = DataConfig(files=[str(f)], seq_len=16, val_fraction=0.2, cache_dir=str(cache))
     tr1, va1, rep1 = build_datasets(cfg, tok, seed=1)
     assert rep1.cache == "miss"
-    assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".safetensors"]
+    key = Path(rep1.cache_path or "").stem
+    # one JSON and one safetensors file per split and tensor; no temporary file left
+    assert sorted(p.name for p in cache.iterdir()) == [f"{key}.json"] + sorted(
+        f"{key}.{s}.{n}.safetensors"
+        for s in ("train", "val")
+        for n in ("input_ids", "labels", "attention_mask")
+    )
+    # ordinary safetensors files: the library reads the same rows
+    with safe_open(cache / f"{key}.train.labels.safetensors", "pt") as sf:
+        assert torch.equal(sf.get_tensor("t"), tr1.labels)
+    # the fresh build's rows are the files' (memory-mapped), and equal an in-memory build
+    mem = build_datasets(cfg.model_copy(update={"cache_dir": "off"}), tok, seed=1)
+    for x, y in ((tr1, mem[0]), (va1, mem[1])):
+        assert x.fingerprint == y.fingerprint == x._fingerprint()
+        assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.labels, y.labels)
+    assert mem[2].train == rep1.train
     tr2, va2, rep2 = build_datasets(cfg, tok, seed=1)
     assert rep2.cache == "hit" and rep2.train == rep1.train and rep2.files == rep1.files
     assert (tr2.fingerprint, va2.fingerprint) == (tr1.fingerprint, va1.fingerprint)
+    assert tr2._fingerprint() == tr1.fingerprint
     assert torch.equal(tr2.labels, tr1.labels)
     # Another seed is another entry.
     assert build_datasets(cfg, tok, seed=2)[2].cache == "miss"
     # A damaged tensor file is detected and rebuilt, with the same result.
-    st = next(cache.glob(f"{Path(rep1.cache_path or '').stem}.safetensors"))
+    st = cache / f"{key}.train.input_ids.safetensors"
     st.write_bytes(st.read_bytes()[:-8] + b"garbage!")
     with caplog.at_level(logging.WARNING, logger="evertrain.data"):
         tr3, _, rep3 = build_datasets(cfg, tok, seed=1)

@@ -2,181 +2,52 @@
 pack or pad, optionally through the on-disk cache.
 
 A ``data.files`` entry is a file (see :mod:`.records`) or a directory written by Hugging Face
-``datasets``' ``save_to_disk`` (see :mod:`.hf_datasets`). Each raw record goes through
-``data.columns`` (:func:`~.dialects.map_columns`; not for plain text files, whose records
-have no columns), then format detection and validation (:mod:`.formats`)."""
+``datasets``' ``save_to_disk`` (see :mod:`.hf_datasets`), read into documents by
+:mod:`.documents`.
+
+Memory: documents are tokenised a block at a time (about 1 MB of text) and their rows go
+to a row store (:mod:`.rowstore`) as they are made. With the data cache on, that store is
+the cache entry's files and the data set is memory-mapped from them, and JSONL files are
+read as a stream: peak memory does not grow with the data (bench/bench_scaling.py measures
+it at 100 MB and 1 GB). Other file kinds are read whole; without a cache, the rows are
+held in memory."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import torch
 import xxhash
 
 from evertrain.config import DataConfig, ModelKind
 from evertrain.data import cache
 from evertrain.data.dataset import TokenizedDataset
-from evertrain.data.dialects import decode_json_lists, map_columns
+from evertrain.data.documents import (
+    chunk_chars,
+    iter_documents,
+    new_report,
+    open_source,
+    read_documents,
+    read_source,
+    validate_file,
+)
 from evertrain.data.encode import Encoder, tokenizer_identity, use_chat_template
 from evertrain.data.errors import DataError
-from evertrain.data.formats import Document, RecordFormat, detect_format, validate_record
-from evertrain.data.hf_datasets import dir_bytes, hash_dir, is_dataset_dir, iter_dataset_records
-from evertrain.data.pack import pack, pad_rows, pad_seq2seq
-from evertrain.data.records import file_kind, iter_records, read_bytes
-from evertrain.data.report import MAX_REASONS, DataReport, FileReport, SplitReport
+from evertrain.data.formats import Document
+from evertrain.data.hf_datasets import hash_dir
+from evertrain.data.pack import Packed, Packer, pad_rows, pad_seq2seq
+from evertrain.data.report import MAX_REASONS, DataReport, SplitReport
+from evertrain.data.rowstore import FileRows, MemoryRows, dataset_from_files
 from evertrain.data.split import is_validation
 
 log = logging.getLogger("evertrain.data")
 
 # Bump when any rule that shapes the tensors changes: it invalidates cache entries.
 PIPELINE_VERSION = 1
-Policy = Literal["fail", "skip"]
-
-
-def chunk_chars(cfg: DataConfig) -> int:
-    """Characters per chunk for ``text_split: chunks``: ``4 * seq_len`` (about one row of
-    tokens for a subword tokenizer at ~4 characters per token)."""
-    return 4 * cfg.seq_len
-
-
-def _seq2seq_format_error(name: str, fmt: str, line: int | None = None) -> DataError:
-    return DataError(
-        f"{fmt!r} records have no encoder input for a seq2seq model (model.kind: seq2seq)",
-        file=name,
-        line=line,
-        hint="give prompt/completion records: the prompt is the encoder input, the "
-        "completion the decoder target",
-    )
-
-
-def read_source(path: str | Path) -> bytes | None:
-    """The bytes of data file ``path``, or None for a ``datasets`` directory (read from disk
-    by :func:`read_documents`).
-
-    Raises:
-        DataError: missing, unreadable or empty; a directory that ``datasets`` did not write.
-    """
-    if is_dataset_dir(path):
-        return None
-    if Path(path).is_dir():
-        raise DataError(
-            "is a directory, but not one written by Hugging Face datasets' save_to_disk "
-            "(no dataset_info.json + state.json, nor dataset_dict.json); list the data "
-            "files themselves",
-            file=str(path),
-        )
-    return read_bytes(path)
-
-
-def read_documents(
-    path: str | Path,
-    data: bytes | None,
-    cfg: DataConfig,
-    policy: Policy | None = None,
-    kind: ModelKind | None = None,
-) -> tuple[FileReport, list[Document]]:
-    """Parse and validate every record of one file (or ``datasets`` directory).
-
-    Args:
-        path: the file (for its extension and for messages).
-        data: its bytes, or None for a ``datasets`` directory (see :func:`read_source`).
-        cfg: ``format``, ``columns``, ``text_split``, ``seq_len`` (chunk size) and
-            ``max_record_bytes`` are used.
-        policy: ``"fail"`` or ``"skip"``; default ``cfg.on_bad_record``.
-        kind: the model kind the documents are for; default ``cfg.model_kind``.
-
-    Returns:
-        The file's report and its valid documents in file order.
-
-    Raises:
-        DataError: a file-level problem; the first bad record under ``"fail"``; a file with
-            no valid record (always); for a seq2seq model, a file whose records are not
-            ``prompt_completion`` (always, whatever the policy).
-    """
-    policy = policy or cfg.on_bad_record
-    kind = kind or cfg.model_kind
-    name = str(path)
-    file_type = "dataset" if data is None else file_kind(path)
-    fmt: RecordFormat | None = None if cfg.format == "auto" else cfg.format
-    if file_type == "text" and fmt not in (None, "text"):
-        raise DataError(
-            f"plain text files hold text records, but data.format is {fmt!r}",
-            file=name,
-            hint="use a .jsonl file for that format, or format: auto",
-        )
-    if kind == "seq2seq" and (
-        file_type == "text" or fmt not in (None, "prompt_completion", "alpaca")
-    ):
-        raise _seq2seq_format_error(name, fmt or "text")
-    report = FileReport(
-        path=name,
-        format=fmt or "unknown",
-        bytes=dir_bytes(path) if data is None else len(data),
-        content_hash=hash_dir(path) if data is None else xxhash.xxh3_128_hexdigest(data),
-    )
-    docs: list[Document] = []
-    if data is None:
-        records = iter_dataset_records(path, cfg.max_record_bytes)
-    else:
-        records = iter_records(
-            path,
-            data,
-            text_split=cfg.text_split,
-            chunk_chars=chunk_chars(cfg),
-            max_record_bytes=cfg.max_record_bytes,
-        )
-    for item in records:
-        try:
-            if isinstance(item, DataError):
-                raise item
-            if file_type != "text":
-                item = map_columns(item, cfg.columns)
-            if file_type == "csv":
-                item = decode_json_lists(item)
-            if fmt is None:
-                fmt = detect_format(item)
-            doc = validate_record(item, fmt)
-        except DataError as e:
-            if policy == "fail":
-                raise
-            report.skipped += 1
-            if len(report.reasons) < MAX_REASONS:
-                report.reasons.append(str(e))
-            continue
-        if kind == "seq2seq" and doc.kind != "prompt_completion":
-            # The file's format, not one bad record: on_bad_record: skip must not pass it.
-            raise _seq2seq_format_error(name, doc.kind, doc.line)
-        docs.append(doc)
-    report.format = fmt or "unknown"
-    report.records = len(docs)
-    if not docs:
-        first = f"; first: {report.reasons[0]}" if report.reasons else ""
-        raise DataError(
-            f"no valid records ({report.skipped} bad record(s) skipped{first})", file=name
-        )
-    if report.skipped:
-        log.warning(
-            "%s: skipped %d bad record(s); first: %s", name, report.skipped, report.reasons[0]
-        )
-    return report, docs
-
-
-def validate_file(path: str | Path, cfg: DataConfig, policy: Policy | None = None) -> FileReport:
-    """Read and validate one whole file without tokenising it (no tokenizer needed).
-
-    Args:
-        path: the data file.
-        cfg: the data config (format, text_split, seq_len, on_bad_record).
-        policy: override ``cfg.on_bad_record``: ``"skip"`` counts every bad record in the
-            report instead of raising on the first.
-
-    Raises:
-        DataError: see :func:`read_documents`.
-    """
-    return read_documents(path, read_source(path), cfg, policy)[0]
+__all__ = ["build_datasets", "chunk_chars", "read_documents", "read_source", "validate_file"]
 
 
 def _check_packed_masks() -> None:
@@ -244,19 +115,6 @@ def _settings(cfg: DataConfig, split: str, kind: ModelKind) -> dict[str, Any]:
     return out
 
 
-def _split_report(ds: TokenizedDataset, documents: int, truncated: int) -> SplitReport:
-    no_target = int(((ds.labels != -100).sum(dim=1) == 0).sum()) if len(ds) else 0
-    return SplitReport(
-        documents=documents,
-        rows=len(ds),
-        tokens=ds.total_tokens,
-        target_tokens=ds.total_target_tokens,
-        truncated_documents=truncated,
-        rows_without_targets=no_target,
-        fingerprint=ds.fingerprint,
-    )
-
-
 def build_datasets(
     cfg: DataConfig,
     tokenizer: Any,
@@ -320,90 +178,163 @@ def build_datasets(
         if hit is not None:
             return _from_cache(cfg, hit, cache_dir, key, kind)
 
+    if cfg.packing_mode == "masked" and kind == "causal":
+        _check_packed_masks()
     report = DataReport(cache="off" if key is None else "miss")
-    train_docs: list[Document] = []
-    val_docs: list[Document] = []
+    stores: dict[str, RowStore] | None = None
+    if cache_dir is not None and key is not None:
+        try:
+            stores = _file_stores(cache_dir, key, cfg, kind)
+            train, val = _build(cfg, encoder, seed, kind, hashes, stores, report)
+            report.cache_path = str(cache.store(cache_dir, key, _entry(stores, report)))
+        except OSError as e:
+            # the data set is still built, in memory: a cache we cannot write only costs time
+            # (and memory), and the rows are the same bytes
+            log.warning("cannot write the data cache in %s (%s); building in memory", cache_dir, e)
+            report = DataReport(cache="miss")
+            stores = None
+        finally:
+            for store in (stores or {}).values():
+                store.close()
+    if stores is None:
+        masked = cfg.packing_mode == "masked" and kind == "causal"
+        memory: dict[str, RowStore] = {s: MemoryRows(cfg.seq_len, masked) for s in SPLITS}
+        train, val = _build(cfg, encoder, seed, kind, hashes, memory, report)
+    log.info(report.summary())
+    return train, val, report
+
+
+SPLITS = ("train", "val")
+RowStore = MemoryRows | FileRows
+# documents tokenised together: about a megabyte of text, so a block's token lists (Python
+# ints, ~36 bytes a token) stay near 10 MB whatever the file's size
+_BLOCK_CHARS = 1 << 20
+_BLOCK_DOCS = 4096
+
+
+def _file_stores(
+    cache_dir: Path, key: str, cfg: DataConfig, kind: ModelKind
+) -> dict[str, RowStore]:
+    masked = cfg.packing_mode == "masked" and kind == "causal"
+    stores: dict[str, RowStore] = {}
+    try:
+        for s in SPLITS:
+            stores[s] = FileRows(cache_dir, f"{key}.{s}", cfg.seq_len, masked)
+    except OSError:
+        for store in stores.values():
+            store.close()
+        raise
+    return stores
+
+
+def _entry(stores: dict[str, RowStore], report: DataReport) -> dict[str, Any]:
+    tensors = {s: store.entries for s, store in stores.items() if isinstance(store, FileRows)}
+    return {"report": report.to_json(), "tensors": tensors}
+
+
+def _doc_chars(d: Document) -> int:
+    n = len(d.text or "") + len(d.prompt or "") + len(d.completion or "")
+    return n + sum(len(c) for _, c in d.messages or ())
+
+
+def _blocks(docs: Iterator[Document]) -> Iterator[list[Document]]:
+    block: list[Document] = []
+    chars = 0
+    for d in docs:
+        block.append(d)
+        chars += _doc_chars(d)
+        if chars >= _BLOCK_CHARS or len(block) >= _BLOCK_DOCS:
+            yield block
+            block, chars = [], 0
+    if block:
+        yield block
+
+
+def _build(
+    cfg: DataConfig,
+    encoder: Encoder,
+    seed: int,
+    kind: ModelKind,
+    hashes: list[str | None],
+    stores: dict[str, RowStore],
+    report: DataReport,
+) -> tuple[TokenizedDataset, TokenizedDataset]:
+    mode = cfg.packing_mode
+    packers = (
+        {s: Packer(cfg.seq_len, encoder.pad_id, masked=mode == "masked") for s in SPLITS}
+        if kind == "causal" and mode != "none"
+        else None
+    )
+
+    def layout(split: str, docs: list[Document]) -> Packed:
+        if kind == "seq2seq":
+            return pad_seq2seq(encoder.encode_seq2seq(docs), cfg.seq_len, encoder.pad_id)
+        encoded = encoder.encode(docs)
+        if packers is None:
+            return pad_rows(encoded, cfg.seq_len, encoder.pad_id)
+        return packers[split].feed(encoded)
+
+    documents = dict.fromkeys(SPLITS, 0)
     for f, expected in zip(cfg.files, hashes, strict=True):
-        fr, docs = read_documents(f, read_source(f), cfg, kind=kind)
+        data = open_source(f, cfg, stream=True)
+        fr = new_report(f, data, cfg)
+        for block in _blocks(iter_documents(f, data, cfg, fr, kind=kind)):
+            sides: dict[str, list[Document]] = {s: [] for s in SPLITS}
+            for d in block:
+                val = is_validation(d.content_key(), seed, cfg.val_fraction)
+                sides["val" if val else "train"].append(d)
+            for split, docs in sides.items():
+                if docs:
+                    stores[split].add(layout(split, docs))
+                    documents[split] += len(docs)
         if expected is not None and fr.content_hash != expected:
             raise DataError("the file changed while it was being read; retry", file=f)
         report.files.append(fr)
         report.skipped += fr.skipped
         report.skip_reasons.extend(fr.reasons[: MAX_REASONS - len(report.skip_reasons)])
-        for d in docs:
-            side = (
-                val_docs if is_validation(d.content_key(), seed, cfg.val_fraction) else train_docs
-            )
-            side.append(d)
-    if not train_docs:
+    if not documents["train"]:
         raise DataError(
-            f"no training documents: all {len(val_docs)} document(s) fell into the validation "
-            f"split (val_fraction {cfg.val_fraction}); add data or lower data.val_fraction"
+            f"no training documents: all {documents['val']} document(s) fell into the "
+            f"validation split (val_fraction {cfg.val_fraction}); add data or lower "
+            "data.val_fraction"
         )
-
-    mode = cfg.packing_mode
-    if mode == "masked" and kind == "causal":
-        _check_packed_masks()
     out = []
-    for split, docs in (("train", train_docs), ("val", val_docs)):
-        if kind == "seq2seq":
-            p = pad_seq2seq(encoder.encode_seq2seq(docs), cfg.seq_len, encoder.pad_id)
-        else:
-            encoded = encoder.encode(docs)
-            p = (
-                pad_rows(encoded, cfg.seq_len, encoder.pad_id)
-                if mode == "none"
-                else pack(encoded, cfg.seq_len, encoder.pad_id, masked=mode == "masked")
-            )
-        ds = TokenizedDataset(
-            p.input_ids, p.labels, p.attention_mask, _settings(cfg, split, kind), p.position_ids
+    for split in SPLITS:
+        if packers is not None:
+            stores[split].add(packers[split].finish())
+        ds = stores[split].dataset(_settings(cfg, split, kind))
+        st = stores[split].stats
+        split_report = SplitReport(
+            documents=documents[split],
+            rows=st.rows,
+            tokens=st.tokens,
+            target_tokens=st.target_tokens,
+            truncated_documents=st.truncated_documents,
+            rows_without_targets=st.rows_without_targets,
+            fingerprint=ds.fingerprint,
         )
-        setattr(report, split, _split_report(ds, len(docs), p.truncated_documents))
+        setattr(report, split, split_report)
         out.append(ds)
-    train, val = out
-    if cache_dir is not None and key is not None:
-        tensors = {
-            f"{s}.{n}": getattr(ds, n)
-            for s, ds in (("train", train), ("val", val))
-            for n in ("input_ids", "labels", "attention_mask", "position_ids")
-            if getattr(ds, n) is not None
-        }
-        report.cache_path = str(cache_dir / f"{key}.json")
-        try:
-            cache.store(cache_dir, key, tensors, {"report": report.to_json()})
-        except OSError as e:
-            # The data set is built and correct; a cache we cannot write only costs time.
-            log.warning("cannot write the data cache in %s: %s", cache_dir, e)
-            report.cache_path = None
-    log.info(report.summary())
-    return train, val, report
+    return out[0], out[1]
 
 
 def _from_cache(
-    cfg: DataConfig,
-    hit: tuple[dict[str, torch.Tensor], dict[str, Any]],
-    cache_dir: Path,
-    key: str,
-    kind: ModelKind,
+    cfg: DataConfig, meta: dict[str, Any], cache_dir: Path, key: str, kind: ModelKind
 ) -> tuple[TokenizedDataset, TokenizedDataset, DataReport]:
-    tensors, meta = hit
     report = DataReport.from_json(meta["report"])
     report.cache, report.cache_path = "hit", str(cache_dir / f"{key}.json")
     out = []
-    for split in ("train", "val"):
-        ds = TokenizedDataset(
-            tensors[f"{split}.input_ids"],
-            tensors[f"{split}.labels"],
-            tensors[f"{split}.attention_mask"],
-            _settings(cfg, split, kind),
-            tensors.get(f"{split}.position_ids"),
-        )
-        expected = getattr(report, split).fingerprint
-        if ds.fingerprint != expected:
+    for split in SPLITS:
+        # the files' bytes were verified against the hashes written with them, and the
+        # fingerprint was computed from those bytes: hashing them again would only cost time
+        fingerprint = getattr(report, split).fingerprint
+        entries = meta["tensors"][split]
+        try:
+            ds = dataset_from_files(cache_dir, entries, _settings(cfg, split, kind), fingerprint)
+        except (OSError, ValueError, KeyError) as e:
             raise DataError(
-                f"data cache entry {report.cache_path} holds different tensors than "
-                f"it describes ({split}); delete it and rerun"
-            )
+                f"data cache entry {report.cache_path} cannot be read ({e}); delete it and rerun"
+            ) from None
         out.append(ds)
     log.info(report.summary())
     return out[0], out[1], report

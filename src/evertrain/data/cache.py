@@ -1,11 +1,17 @@
-"""On-disk cache of tokenised data sets: safetensors for tensors, JSON for the rest.
+"""On-disk cache of tokenised data sets: safetensors files for the rows, JSON for the rest.
 
-An entry is two files in ``data.cache_dir`` named after its key (an XXH3-128 hex digest of
-the file content hashes, the tokenizer identity and every setting that shapes the tensors):
-``<key>.safetensors`` and ``<key>.json``. Each is written to a temporary file, fsynced and
-renamed into place, the JSON last; the JSON records the XXH3-128 of the safetensors bytes, so
-a torn or foreign tensor file is detected and the entry rebuilt (a cache entry is always
-replaceable). Nothing is pickled.
+An entry is named after its key (an XXH3-128 hex digest of the file content hashes, the
+tokenizer identity and every setting that shapes the tensors): ``<key>.json`` and one
+safetensors file per split and tensor, ``<key>.<split>.<tensor>.safetensors``, written as
+the rows are built (:class:`~.rowstore.FileRows`). Every file is written to a temporary
+name, fsynced and renamed into place, the JSON last; the JSON records each tensor file's
+dtype, shape and XXH3-128 of its tensor bytes, so a torn or foreign file is detected and the
+entry rebuilt (a cache entry is always replaceable). Concurrent runs building the same entry
+write the same bytes under the same names; renames are atomic, so a reader sees one whole
+file or the other. Nothing is pickled.
+
+A run killed while building leaves ``*.tmp-<pid>-<id>`` files behind; they are never read
+and may be deleted.
 """
 
 from __future__ import annotations
@@ -15,14 +21,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
-import torch
 import xxhash
 
+from evertrain.data.rowstore import verify_file
 from evertrain.fsutil import atomic_write_bytes
 
 log = logging.getLogger("evertrain.data")
-CACHE_VERSION = 1
+# 2: one safetensors file per tensor, memory-mapped (1: one file for all, read into memory)
+CACHE_VERSION = 2
 
 
 def cache_key(spec: dict[str, Any]) -> str:
@@ -33,40 +39,34 @@ def cache_key(spec: dict[str, Any]) -> str:
     return xxhash.xxh3_128_hexdigest(text.encode("utf-8"))
 
 
-def load(cache_dir: Path, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    """The entry ``key`` as ``(tensors, meta)``, or ``None`` if absent or damaged (logged)."""
+def load(cache_dir: Path, key: str) -> dict[str, Any] | None:
+    """The JSON of entry ``key`` once every tensor file it lists has been verified, or
+    ``None`` if the entry is absent or damaged (logged). ``meta["tensors"][split]`` is the
+    ``entries`` argument of :func:`~.rowstore.dataset_from_files`."""
     meta_path = cache_dir / f"{key}.json"
-    data_path = cache_dir / f"{key}.safetensors"
     if not meta_path.exists():
         return None
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        blob = data_path.read_bytes()
-    except (OSError, ValueError) as e:
-        log.warning("data cache entry %s unreadable (%s); rebuilding it", meta_path, e)
+        if not isinstance(meta, dict) or meta.get("key") != key:
+            raise ValueError("it names another key")
+        for split in ("train", "val"):
+            for entry in meta["tensors"][split].values():
+                if not verify_file(cache_dir, entry):
+                    raise ValueError(f"{entry['file']} does not match its hash")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("data cache entry %s unusable (%s); rebuilding it", meta_path, e)
         return None
-    if (
-        not isinstance(meta, dict)
-        or meta.get("key") != key
-        or meta.get("tensors_xxh3_128") != xxhash.xxh3_128_hexdigest(blob)
-    ):
-        log.warning("data cache entry %s does not match its tensors; rebuilding it", meta_path)
-        return None
-    return safetensors.torch.load(blob), meta
+    return meta
 
 
-def store(
-    cache_dir: Path, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
-) -> Path:
-    """Write the entry ``key`` atomically; returns the JSON file's path.
+def store(cache_dir: Path, key: str, meta: dict[str, Any]) -> Path:
+    """Write the JSON of entry ``key`` atomically (after its tensor files); returns its path.
 
     Raises:
-        OSError: the directory cannot be created or written.
+        OSError: the file cannot be written.
     """
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    blob = safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()})
-    atomic_write_bytes(cache_dir / f"{key}.safetensors", blob)
-    full = {**meta, "key": key, "tensors_xxh3_128": xxhash.xxh3_128_hexdigest(blob)}
     meta_path = cache_dir / f"{key}.json"
+    full = {**meta, "key": key}
     atomic_write_bytes(meta_path, json.dumps(full, sort_keys=True, indent=1).encode("utf-8"))
     return meta_path

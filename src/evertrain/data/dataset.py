@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,30 @@ import xxhash
 from torch.utils.data import Dataset, get_worker_info
 
 FINGERPRINT_VERSION = 1
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    # numpy's buffer is the tensor's memory (no copy); little-endian on every supported platform
+    return np.ascontiguousarray(t.numpy()).view(np.uint8).reshape(-1).data
+
+
+def fingerprint_of(shape: list[int], settings: dict[str, Any], tensor_bytes: Iterable[Any]) -> str:
+    """XXH3-128 hex digest identifying a data set's rows: version, shape ``[rows, seq_len]``
+    and settings as sorted JSON, then the raw bytes of ``input_ids``, ``labels``,
+    ``attention_mask`` (and ``position_ids``), each whole, in that order.
+
+    Args:
+        shape: ``[rows, seq_len]``.
+        settings: the data set's settings (split, seq_len, packing, ...).
+        tensor_bytes: byte buffers in the order above; a tensor may come in several pieces
+            (a streaming hash of the concatenation equals the hash of the whole).
+    """
+    h = xxhash.xxh3_128()
+    meta = {"v": FINGERPRINT_VERSION, "shape": shape, "settings": settings}
+    h.update(json.dumps(meta, sort_keys=True).encode("utf-8"))
+    for b in tensor_bytes:
+        h.update(b)
+    return h.hexdigest()
 
 
 class TokenizedDataset(Dataset[dict[str, torch.Tensor]]):
@@ -28,6 +53,9 @@ class TokenizedDataset(Dataset[dict[str, torch.Tensor]]):
             folded into :attr:`fingerprint`.
         position_ids: ``int32 [rows, seq_len]``, each packed document's positions from 0
             (``data.packing: masked``); None: rows carry no positions of their own.
+        fingerprint: the tensors' :func:`fingerprint_of`, when the caller computed it from
+            the same bytes (the tensors may be memory-mapped from a file; see
+            :mod:`.rowstore`); None: computed here.
 
     Attributes:
         fingerprint: XXH3-128 hex digest over ``settings`` and the bytes of all three tensors:
@@ -48,6 +76,8 @@ class TokenizedDataset(Dataset[dict[str, torch.Tensor]]):
         attention_mask: torch.Tensor,
         settings: dict[str, Any] | None = None,
         position_ids: torch.Tensor | None = None,
+        *,
+        fingerprint: str | None = None,
     ) -> None:
         if (
             input_ids.dim() != 2
@@ -75,21 +105,17 @@ class TokenizedDataset(Dataset[dict[str, torch.Tensor]]):
         self.settings = dict(settings or {})
         self.seq_len = int(input_ids.shape[1])
         self.getitem_calls = 0
-        self.fingerprint = self._fingerprint()
+        # given by a builder that hashed these very bytes as it wrote them to a file
+        # (:mod:`.rowstore`): recomputing it would read a memory-mapped data set in full
+        self.fingerprint = fingerprint if fingerprint is not None else self._fingerprint()
 
     def _fingerprint(self) -> str:
-        h = xxhash.xxh3_128()
-        meta = {
-            "v": FINGERPRINT_VERSION,
-            "shape": list(self.input_ids.shape),
-            "settings": self.settings,
-        }
-        h.update(json.dumps(meta, sort_keys=True).encode("utf-8"))
         extra = () if self.position_ids is None else (self.position_ids,)
-        for t in (self.input_ids, self.labels, self.attention_mask, *extra):
-            # numpy's buffer is the tensor's memory; little-endian on every supported platform.
-            h.update(np.ascontiguousarray(t.numpy()).view(np.uint8).tobytes())
-        return h.hexdigest()
+        return fingerprint_of(
+            list(self.input_ids.shape),
+            self.settings,
+            (_bytes_of(t) for t in (self.input_ids, self.labels, self.attention_mask, *extra)),
+        )
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])

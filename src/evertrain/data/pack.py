@@ -89,42 +89,119 @@ def _to_tensors(
     )
 
 
+def _empty(seq_len: int, masked: bool) -> Packed:
+    empty = np.zeros((0, seq_len), dtype=np.int64)
+    out = Packed(*_to_tensors(empty, empty, empty.astype(bool)))
+    if masked:
+        out.position_ids = torch.zeros((0, seq_len), dtype=torch.int32)
+    return out
+
+
+def _positions(doc: np.ndarray) -> torch.Tensor:
+    # each document (and the padding) counts its positions from 0, and so does the part of a
+    # document continued in the next row: it cannot see its first part anyway, and positions
+    # past seq_len could run off a model's position table
+    shape = doc.shape
+    start = np.ones(shape, dtype=bool)
+    start[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    index = np.broadcast_to(np.arange(shape[1]), shape)
+    first = np.maximum.accumulate(np.where(start, index, 0), axis=1)
+    return torch.from_numpy((index - first).astype(np.int32))
+
+
+class Packer:
+    """:func:`pack` fed in parts: documents go in, in order, in as many calls of
+    :meth:`feed` as suit the caller; complete rows come out as soon as they are full, and
+    :meth:`finish` pads the last one. The rows are exactly :func:`pack`'s for the
+    concatenation of everything fed (tests compare them), while at most ``seq_len - 1``
+    tokens wait between calls: the memory of a streamed build does not grow with the file.
+
+    Not thread-safe: one builder feeds it.
+
+    Raises:
+        ValueError: ``seq_len`` below 2.
+    """
+
+    def __init__(self, seq_len: int, pad_id: int, masked: bool = False) -> None:
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+        self.seq_len, self.pad_id, self.masked = seq_len, pad_id, masked
+        self._ids: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+        self._doc: list[np.ndarray] = []
+        self._waiting = 0  # tokens in the lists above
+        self._docs = 0  # non-empty documents fed: the next document's index
+
+    def feed(self, docs: list[Encoded]) -> Packed:
+        """Add ``docs``; returns the rows completed by them (possibly zero rows)."""
+        for d in docs:
+            if not d[0]:
+                continue
+            ids, labels = _doc_arrays(d)
+            self._ids.append(ids)
+            self._labels.append(labels)
+            if self.masked:
+                self._doc.append(np.full(len(ids), self._docs, dtype=np.int64))
+            self._docs += 1
+            self._waiting += len(ids)
+        return self._take(self._waiting // self.seq_len * self.seq_len, 0)
+
+    def finish(self) -> Packed:
+        """The last, incomplete row, right-padded (zero rows if nothing is waiting)."""
+        return self._take(self._waiting, -self._waiting % self.seq_len)
+
+    def _take(self, n: int, pad: int) -> Packed:
+        if n == 0:
+            return _empty(self.seq_len, self.masked)
+        ids = np.concatenate(self._ids)
+        labels = np.concatenate(self._labels)
+        doc = np.concatenate(self._doc) if self.masked else None
+        rest = len(ids) - n
+        self._ids = [ids[n:]] if rest else []
+        self._labels = [labels[n:]] if rest else []
+        self._doc = [doc[n:]] if rest and doc is not None else []
+        self._waiting = rest
+        mask = np.ones(n + pad, dtype=bool)
+        mask[n:] = False
+        ids = np.concatenate([ids[:n], np.full(pad, self.pad_id, dtype=np.int64)])
+        labels = np.concatenate([labels[:n], np.full(pad, IGNORE_INDEX, dtype=np.int64)])
+        shape = (-1, self.seq_len)
+        out = Packed(*_to_tensors(ids.reshape(shape), labels.reshape(shape), mask.reshape(shape)))
+        if doc is not None:
+            # the padding is a document of its own
+            doc = np.concatenate([doc[:n], np.full(pad, self._docs, dtype=np.int64)])
+            out.position_ids = _positions(doc.reshape(shape))
+        return out
+
+
+def concat(parts: list[Packed]) -> Packed:
+    """Rows of ``parts`` one after another (``truncated_documents`` summed).
+
+    Raises:
+        ValueError: ``parts`` is empty.
+    """
+    if not parts:
+        raise ValueError("concat needs at least one Packed")
+    pos = [p.position_ids for p in parts]
+    return Packed(
+        torch.cat([p.input_ids for p in parts]),
+        torch.cat([p.labels for p in parts]),
+        torch.cat([p.attention_mask for p in parts]),
+        sum(p.truncated_documents for p in parts),
+        None if any(x is None for x in pos) else torch.cat(pos),  # type: ignore[arg-type]
+    )
+
+
 def pack(docs: list[Encoded], seq_len: int, pad_id: int, masked: bool = False) -> Packed:
     """Concatenate ``docs`` and cut them into rows of ``seq_len`` tokens (see module doc).
 
     Returns ``ceil(total_tokens / seq_len)`` rows; zero rows for no documents.
+
+    Raises:
+        ValueError: ``seq_len`` below 2.
     """
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
-    parts = [_doc_arrays(d) for d in docs if d[0]]
-    if not parts:
-        empty = np.zeros((0, seq_len), dtype=np.int64)
-        none = Packed(*_to_tensors(empty, empty, empty.astype(bool)))
-        if masked:
-            none.position_ids = torch.zeros((0, seq_len), dtype=torch.int32)
-        return none
-    ids = np.concatenate([p[0] for p in parts])
-    labels = np.concatenate([p[1] for p in parts])
-    total = len(ids)
-    rows = -(-total // seq_len)
-    pad = rows * seq_len - total
-    mask = np.concatenate([np.ones(total, dtype=bool), np.zeros(pad, dtype=bool)])
-    ids = np.concatenate([ids, np.full(pad, pad_id, dtype=np.int64)])
-    labels = np.concatenate([labels, np.full(pad, IGNORE_INDEX, dtype=np.int64)])
-    shape = (rows, seq_len)
-    out = Packed(*_to_tensors(ids.reshape(shape), labels.reshape(shape), mask.reshape(shape)))
-    if masked:
-        # each document (and the padding) counts its positions from 0, and so does the part
-        # of a document continued in the next row: it cannot see its first part anyway, and
-        # positions past seq_len could run off a model's position table
-        doc = np.concatenate([np.full(len(p[0]), k) for k, p in enumerate(parts)]
-                             + [np.full(pad, len(parts))]).reshape(shape)  # fmt: skip
-        start = np.ones(shape, dtype=bool)
-        start[:, 1:] = doc[:, 1:] != doc[:, :-1]
-        index = np.broadcast_to(np.arange(seq_len), shape)
-        first = np.maximum.accumulate(np.where(start, index, 0), axis=1)
-        out.position_ids = torch.from_numpy((index - first).astype(np.int32))
-    return out
+    packer = Packer(seq_len, pad_id, masked)
+    return concat([packer.feed(docs), packer.finish()])
 
 
 def pad_rows(docs: list[Encoded], seq_len: int, pad_id: int) -> Packed:

@@ -249,8 +249,10 @@ def iter_records(
         yield from _text(name, data, text_split, chunk_chars, limit)
 
 
-def _jsonl(path: str, data: bytes, limit: int | None) -> Iterator[Record | DataError]:
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
+def _jsonl(
+    path: str, data: bytes, limit: int | None, first_line: int = 1
+) -> Iterator[Record | DataError]:
+    for lineno, raw in enumerate(data.split(b"\n"), first_line):
         raw = raw.rstrip(b"\r")
         if not raw.strip():
             continue
