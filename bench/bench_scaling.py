@@ -57,10 +57,8 @@ other processes on a shared machine cancels), medians over repeats.
    point (and the exact history) grows with the file by nature and has no target. The
    response size is reported too.
 
-3. Tokenizing a 1 GB file (the issue's third "flat cost") is NOT measured here yet: the data
-   pipeline reads a whole file into memory today (src/evertrain/data/records.py,
-   ``read_bytes``), so a 1 GB file costs memory in proportion to its size by construction;
-   measuring it waits for a streaming reader.
+3. Tokenizing a 1 GB file (the issue's third "flat cost") is measured by
+   ``bench_tokenize.py`` (each case needs a process of its own for its peak RSS).
 
 Usage: ``python bench/bench_scaling.py [--repeats 3]``. Scratch files in
 ``$EVERTRAIN_BENCH_DIR/scaling`` (default /tmp/evertrain-bench; about 250 MB).

@@ -169,6 +169,18 @@ def summary(results: Path = RESULT_DIRS["quiet"]) -> list[tuple[str, float, str]
         for row in r["scaling"]["rows"]:
             if row.get("target"):
                 rows.append((f"scaling: {row['name']}", row["ratio"], row["target"]))
+    if "tokenize" in r:
+        q, mb = r["tokenize"]["ratios"], {
+            c: f"{n / 1e6:.0f} MB" for c, n in r["tokenize"]["file_bytes"].items()
+        }
+        rows += [
+            (f"tokenize+pack JSONL bytes/s, evertrain / datasets.map num_proc=2 ({mb['large']})",
+             q["throughput_evertrain_over_datasets_large"], ">= 1"),
+            (f"tokenize+pack peak RSS, {mb['large']} / {mb['small']} (evertrain)",
+             q["peak_rss_large_over_small_evertrain"], "<= 1.2"),
+            (f"tokenize+pack peak RSS, {mb['large']} / {mb['small']} (datasets main process)",
+             q["peak_rss_large_over_small_datasets"], ""),
+        ]  # fmt: skip
     if "threads" in r:
         for job, q in r["threads"]["jobs"].items():
             rows.append(
@@ -277,6 +289,10 @@ def main() -> None:
                   else ["--repeats", "3"]),
             )  # fmt: skip
             run("bench_scaling.py", "--repeats", "1" if a.quick else "3")
+            run(
+                "bench_tokenize.py",
+                *(["--small-mb", "20", "--large-mb", "200"] if a.quick else ["--repeats", "2"]),
+            )
             if not a.quick:
                 run("bench_memory.py", "--repeats", "2")
             print(f"\nall benchmarks: {time.perf_counter() - t0:.0f} s")
