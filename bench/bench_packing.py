@@ -31,8 +31,13 @@ excluded, as in ``common.steady_tokens_per_s``). evertrain's per-step targets co
 rows its example-id log (``EVERTRAIN_LOG_EXAMPLE_IDS``) names for each step. Methods rotate
 between repeats; ratios are medians of per-repeat ratios (``common.pairwise``).
 
-Usage: ``python bench/bench_packing.py [--repeats 3] [--records 240] [--quick]``
-(``--quick``: the built-in tiny Llama instead of SmolLM2, one repeat).
+Usage: ``python bench/bench_packing.py [--repeats 3] [--records 240] [--quick] [--data main]``
+(``--quick``: the built-in tiny Llama instead of SmolLM2, one repeat). ``--data main``: the
+main job's documents instead (scripts/main.sh's pydoc files, ``{"text": ...}`` records of up
+to 4000 characters, the first ``--records`` of them) at its ``seq_len`` of 128: most are
+longer than a row, so the peers truncate each to one row (the usual ``truncation=True``) and
+train far fewer targets, while evertrain packs every token; the rate compares what each
+trains per second, and ``target_tokens_trained`` in the JSON shows how much of the data.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ from evertrain.recipe import build_trainer
 
 SEQ_LEN, MICRO_BATCH, LR, MAX_GRAD_NORM, SEED = 256, 4, 2e-4, 1.0, 1234
 METHODS = ["evertrain_masked", "evertrain_greedy", "hf_trainer", "plain"]
+MAIN_JOB_FILES = (0, 4, 5, 6, 8, 11)  # scripts/main.sh's FILES
+MAIN_JOB_SEQ_LEN = 128  # examples/watch-smollm2.yaml
 
 
 def make_data(path: Path, records: int, max_words: int = 24, seed: int = 0) -> None:
@@ -75,6 +82,16 @@ def make_data(path: Path, records: int, max_words: int = 24, seed: int = 0) -> N
             prompt = " ".join(a[: rng.randint(4, max_words)])
             completion = " " + " ".join(b[: rng.randint(3, max_words)])
             f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+
+
+def main_job_data(path: Path, records: int) -> None:
+    """The main job's documents (scripts/main.sh: the pydoc files it drops into the inbox,
+    ``{"text": ...}`` records of up to 4000 characters), the first ``records`` of them."""
+    from evertrain.data.pydoc import write_pydoc_files
+
+    files = write_pydoc_files(path.parent / "pydoc", 12)
+    lines = [ln for i in MAIN_JOB_FILES for ln in files[i].read_text().splitlines()]
+    path.write_text("".join(ln + "\n" for ln in lines[:records]), encoding="utf-8")
 
 
 def config(data: Path, model: str, packing: str) -> Any:
@@ -124,6 +141,10 @@ def peer_rows(model_dir: Path, data: Path) -> tuple[Any, list[dict[str, list[int
     rows = []
     for line in data.read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
+        if "text" in rec:  # the main job's documents: truncated to seq_len, all targets
+            ids = (tok(rec["text"])["input_ids"] + [tok.eos_token_id])[:SEQ_LEN]
+            rows.append({"input_ids": ids, "labels": list(ids)})
+            continue
         p = tok(rec["prompt"])["input_ids"]
         c = tok(rec["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         assert len(p) + len(c) <= SEQ_LEN, "a record longer than seq_len would be truncated"
@@ -228,13 +249,26 @@ def main() -> None:
         "(every row costs seq_len tokens of compute: its rate is steady)",
     )
     p.add_argument("--quick", action="store_true")
+    p.add_argument(
+        "--data",
+        choices=("short", "main"),
+        default="short",
+        help="short prompt/completion records (the target), or the main job's documents "
+        "(longer than seq_len: the peers truncate them, evertrain packs all of each)",
+    )
     a = p.parse_args()
     torch.set_num_threads(1)
+    global SEQ_LEN
+    if a.data == "main":
+        SEQ_LEN = MAIN_JOB_SEQ_LEN
     model = "tiny" if a.quick else "smollm2-135m"
     repeats = 1 if a.quick else a.repeats
     work = workdir("packing")
-    data = work / "short.jsonl"
-    make_data(data, a.records, max_words=5 if a.quick else 24)  # the tiny model: byte tokens
+    data = work / f"{a.data}.jsonl"
+    if a.data == "main":
+        main_job_data(data, a.records)
+    else:
+        make_data(data, a.records, max_words=5 if a.quick else 24)  # tiny model: byte tokens
     cfgs = {m: config(data, model, "masked" if m == "evertrain_masked" else "greedy")
             for m in METHODS[:2]}  # fmt: skip
     model_dir = work / "model"
@@ -255,7 +289,7 @@ def main() -> None:
     lengths = [len(r["input_ids"]) for r in rows]
     print(f"{len(rows)} records, tokens per record: median {statistics.median(lengths):.0f}, "
           f"max {max(lengths)}; seq_len {SEQ_LEN}")  # fmt: skip
-    assert a.quick or statistics.median(lengths) < SEQ_LEN / 4
+    assert a.quick or a.data == "main" or statistics.median(lengths) < SEQ_LEN / 4
     rate: dict[str, list[float]] = {m: [] for m in METHODS}
     runs: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
     for i in range(repeats):
@@ -280,21 +314,25 @@ def main() -> None:
     # trains slightly fewer targets, and its rate counts only those it trained
     rows_packed = max(r["steps"] for r in runs["evertrain_masked"]) * MICRO_BATCH
     assert len(peers) == 1 and all(
-        0 <= min(peers) - t <= rows_packed for m in METHODS[:2] for t in counts[m]
+        a.data == "main" or 0 <= min(peers) - t <= rows_packed
+        for m in METHODS[:2]
+        for t in counts[m]
     ), f"unequal work: target tokens {counts}"
     rows_out = [[m, median(rate[m]), median([r["steps"] for r in runs[m]]),
                  pairwise(rate[m], rate["hf_trainer"]), pairwise(rate[m], rate["plain"])]
                 for m in METHODS]  # fmt: skip
     print_table(
-        f"useful (target) tokens/s, one epoch of {len(rows)} short records, {model}, "
+        f"useful (target) tokens/s, one epoch of {len(rows)} {a.data} records, {model}, "
         f"seq_len {SEQ_LEN}, micro-batch {MICRO_BATCH} ({repeats} runs, pairwise ratios)",
         ["method", "targets/s", "steps", "x hf_trainer", "x plain"],
         rows_out,
     )
     write_json(
-        "packing",
+        "packing" if a.data == "short" else "packing_main",
         {
             "model": model,
+            "data": a.data,
+            "target_tokens_trained": {m: sorted(c) for m, c in counts.items()},
             "records": len(rows),
             "record_tokens": {"median": statistics.median(lengths), "max": max(lengths)},
             "seq_len": SEQ_LEN,

@@ -165,6 +165,12 @@ def summary(results: Path = RESULT_DIRS["quiet"]) -> list[tuple[str, float, str]
              q["masked_vs_plain"], ""),
             (f"target tokens/s, packing masked / greedy ({model})", q["masked_vs_greedy"], ""),
         ]  # fmt: skip
+    if "packing_main" in r:
+        q, model = r["packing_main"]["ratios"], r["packing_main"]["model"]
+        rows += [
+            ("target tokens/s, packing masked / HF Trainer truncated+padded "
+             f"(main job's data, {model})", q["masked_vs_hf_trainer"], ""),
+        ]  # fmt: skip
     if "scaling" in r:
         for row in r["scaling"]["rows"]:
             if row.get("target"):
@@ -287,6 +293,11 @@ def main() -> None:
                 "bench_packing.py",
                 *(["--repeats", "1", "--records", "120", "--plain-steps", "6"] if a.quick
                   else ["--repeats", "3"]),
+            )  # fmt: skip
+            run(
+                "bench_packing.py", "--data", "main",
+                *(["--quick", "--records", "8", "--plain-steps", "4"] if a.quick
+                  else ["--repeats", "2", "--records", "60"]),
             )  # fmt: skip
             run("bench_scaling.py", "--repeats", "1" if a.quick else "3")
             run(
