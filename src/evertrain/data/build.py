@@ -39,6 +39,7 @@ from evertrain.data.errors import DataError
 from evertrain.data.formats import Document
 from evertrain.data.hf_datasets import hash_dir
 from evertrain.data.pack import Packed, Packer, pad_rows, pad_seq2seq
+from evertrain.data.records import read_error
 from evertrain.data.report import MAX_REASONS, DataReport, SplitReport
 from evertrain.data.rowstore import FileRows, MemoryRows, dataset_from_files
 from evertrain.data.split import is_validation
@@ -96,10 +97,8 @@ def _hash_file(path: str) -> str:
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
-    except FileNotFoundError:
-        raise DataError("file not found (check data.files)", file=path) from None
     except OSError as e:
-        raise DataError(f"cannot read file: {e.strerror or e}", file=path) from None
+        raise read_error(path, e) from None
     return h.hexdigest()
 
 

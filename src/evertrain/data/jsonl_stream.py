@@ -16,7 +16,7 @@ from pathlib import Path
 import xxhash
 
 from evertrain.data.errors import DataError
-from evertrain.data.records import _BOM, Record, _jsonl, _too_large
+from evertrain.data.records import _BOM, Record, _jsonl, _too_large, read_error
 
 BLOCK_BYTES = 4 << 20
 
@@ -59,14 +59,8 @@ class JsonlStream:
                     self._hash.update(block)
                     self.bytes += len(block)
                     yield block
-        except FileNotFoundError:
-            raise DataError("file not found (check data.files)", file=self.path) from None
-        except IsADirectoryError:
-            raise DataError(
-                "is a directory; list the data files themselves", file=self.path
-            ) from None
         except OSError as e:
-            raise DataError(f"cannot read file: {e.strerror or e}", file=self.path) from None
+            raise read_error(self.path, e) from None
 
     def _unmarked(self) -> Iterator[bytes]:
         # the blocks without a leading UTF-8 byte order mark, which may span blocks

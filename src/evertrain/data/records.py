@@ -161,21 +161,25 @@ def file_kind(path: str | Path) -> str:
     return kind
 
 
+def read_error(path: str | Path, e: OSError) -> DataError:
+    """The one-line error for data file ``path`` that could not be read (``e``)."""
+    if isinstance(e, FileNotFoundError):
+        return DataError("file not found (check data.files)", file=str(path))
+    if isinstance(e, IsADirectoryError):
+        return DataError("is a directory; list the data files themselves", file=str(path))
+    return DataError(f"cannot read file: {e.strerror or e}", file=str(path))
+
+
 def read_bytes(path: str | Path) -> bytes:
     """The whole file as bytes.
 
     Raises:
         DataError: missing, a directory, unreadable, or empty (0 bytes or only whitespace).
     """
-    p = Path(path)
     try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise DataError("file not found (check data.files)", file=str(path)) from None
-    except IsADirectoryError:
-        raise DataError("is a directory; list the data files themselves", file=str(path)) from None
+        data = Path(path).read_bytes()
     except OSError as e:
-        raise DataError(f"cannot read file: {e.strerror or e}", file=str(path)) from None
+        raise read_error(path, e) from None
     if not data.strip():
         raise DataError("empty file: it holds no records", file=str(path))
     return data
