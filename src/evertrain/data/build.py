@@ -8,7 +8,7 @@ A ``data.files`` entry is a file (see :mod:`.records`) or a directory written by
 Memory: documents are tokenised a block at a time (about 1 MB of text) and their rows go
 to a row store (:mod:`.rowstore`) as they are made. With the data cache on, that store is
 the cache entry's files and the data set is memory-mapped from them, and JSONL files are
-read as a stream: peak memory does not grow with the data (bench/bench_scaling.py measures
+read as a stream: peak memory does not grow with the data (bench/bench_tokenize.py measures
 it at 100 MB and 1 GB). Other file kinds are read whole; without a cache, the rows are
 held in memory."""
 
