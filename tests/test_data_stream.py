@@ -190,3 +190,28 @@ def test_fast_backend_gives_the_ids_the_tokenizer_call_gives() -> None:
     assert enc._tokenize(["hello world"], literal=True) == [
         list(fast("hello world", add_special_tokens=False)["input_ids"])
     ]
+
+
+@pytest.mark.parametrize("damage", ["header", "truncated"])
+def test_a_damaged_cache_file_is_rebuilt_not_trusted(
+    tmp_path: Path, tok: ByT5Tokenizer, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    cfg = DataConfig(files=[str(_text(tmp_path))], seq_len=64, cache_dir=str(tmp_path / "c"))
+    first, _, rep = build_datasets(cfg, tok, seed=0)
+    key = Path(rep.cache_path or "").stem
+    f = tmp_path / "c" / f"{key}.train.labels.safetensors"
+    raw = f.read_bytes()
+    if damage == "header":  # a header that lies about the shape, the tensor bytes intact
+        rows = len(first)
+        raw = raw.replace(f"[{rows},64]".encode(), f"[{rows - 1},64]".encode().ljust(
+            len(f"[{rows},64]")), 1)  # fmt: skip
+    else:
+        raw = raw[:5]
+    # replaced, not rewritten in place: ``first`` maps the old file, and a mapped file
+    # truncated under a process kills it with SIGBUS (docs/config.md)
+    f.with_suffix(".new").write_bytes(raw)
+    f.with_suffix(".new").replace(f)
+    with caplog.at_level(logging.WARNING, logger="evertrain.data"):
+        again, _, rep2 = build_datasets(cfg, tok, seed=0)
+    assert rep2.cache == "miss" and "rebuilding" in caplog.text
+    assert again.fingerprint == first.fingerprint and torch.equal(again.labels, first.labels)

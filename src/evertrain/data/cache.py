@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ def load(cache_dir: Path, key: str) -> dict[str, Any] | None:
             for entry in meta["tensors"][split].values():
                 if not verify_file(cache_dir, entry):
                     raise ValueError(f"{entry['file']} does not match its hash")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as e:
         log.warning("data cache entry %s unusable (%s); rebuilding it", meta_path, e)
         return None
     return meta

@@ -209,14 +209,23 @@ class FileRows:
         self._files = {}
 
 
-def _open(path: Path, entry: dict[str, Any]) -> torch.Tensor:
+def _header_of(path: Path, entry: dict[str, Any]) -> int:
+    # the JSON header's length, once the header is found to describe the entry's tensor
     dtype = entry["dtype"]
     rows, cols = entry["shape"]
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))["t"]
-    if header["dtype"] != dtype or header["shape"] != [rows, cols]:
+    nbytes = rows * cols * np.dtype(_NUMPY[dtype]).itemsize
+    if header != {"dtype": dtype, "shape": [rows, cols], "data_offsets": [0, nbytes]}:
         raise ValueError(f"{path.name}: header {header} does not match the cache entry")
+    return int(n)
+
+
+def _open(path: Path, entry: dict[str, Any]) -> torch.Tensor:
+    dtype = entry["dtype"]
+    rows, cols = entry["shape"]
+    n = _header_of(path, entry)
     if rows == 0:
         return torch.zeros((0, cols), dtype=_TORCH[dtype])
     # copy-on-write: a private mapping torch may treat as writable, never written back
@@ -225,9 +234,17 @@ def _open(path: Path, entry: dict[str, Any]) -> torch.Tensor:
 
 
 def verify_file(directory: Path, entry: dict[str, Any]) -> bool:
-    """Whether the file of ``entry`` holds the tensor bytes it was written with."""
+    """Whether the file of ``entry`` holds the tensor it was written with: a header
+    describing the entry's dtype and shape, and tensor bytes with the entry's XXH3-128.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError, KeyError: its header or the entry is malformed.
+    """
+    path = directory / entry["file"]
+    _header_of(path, entry)
     h = xxhash.xxh3_128()
-    for chunk in _data_chunks(directory / entry["file"]):
+    for chunk in _data_chunks(path):
         h.update(chunk)
     return bool(h.hexdigest() == entry["data_xxh3_128"])
 
