@@ -177,7 +177,7 @@ def build_datasets(
         if hit is not None:
             return _from_cache(cfg, hit, cache_dir, key, kind)
 
-    if cfg.packing_mode == "masked" and kind == "causal":
+    if _masked(cfg, kind):
         _check_packed_masks()
     report = DataReport(cache="off" if key is None else "miss")
     stores: dict[str, RowStore] | None = None
@@ -196,8 +196,9 @@ def build_datasets(
             for store in (stores or {}).values():
                 store.close()
     if stores is None:
-        masked = cfg.packing_mode == "masked" and kind == "causal"
-        memory: dict[str, RowStore] = {s: MemoryRows(cfg.seq_len, masked) for s in SPLITS}
+        memory: dict[str, RowStore] = {
+            s: MemoryRows(cfg.seq_len, _masked(cfg, kind)) for s in SPLITS
+        }
         train, val = _build(cfg, encoder, seed, kind, hashes, memory, report)
     log.info(report.summary())
     return train, val, report
@@ -211,10 +212,15 @@ _BLOCK_CHARS = 1 << 20
 _BLOCK_DOCS = 4096
 
 
+def _masked(cfg: DataConfig, kind: ModelKind) -> bool:
+    """Whether rows carry per-document ``position_ids`` (seq2seq rows are never packed)."""
+    return cfg.packing_mode == "masked" and kind == "causal"
+
+
 def _file_stores(
     cache_dir: Path, key: str, cfg: DataConfig, kind: ModelKind
 ) -> dict[str, RowStore]:
-    masked = cfg.packing_mode == "masked" and kind == "causal"
+    masked = _masked(cfg, kind)
     stores: dict[str, RowStore] = {}
     try:
         for s in SPLITS:
@@ -260,7 +266,7 @@ def _build(
 ) -> tuple[TokenizedDataset, TokenizedDataset]:
     mode = cfg.packing_mode
     packers = (
-        {s: Packer(cfg.seq_len, encoder.pad_id, masked=mode == "masked") for s in SPLITS}
+        {s: Packer(cfg.seq_len, encoder.pad_id, masked=_masked(cfg, kind)) for s in SPLITS}
         if kind == "causal" and mode != "none"
         else None
     )

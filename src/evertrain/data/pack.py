@@ -89,7 +89,8 @@ def _to_tensors(
     )
 
 
-def _empty(seq_len: int, masked: bool) -> Packed:
+def empty(seq_len: int, masked: bool) -> Packed:
+    """Zero rows of ``seq_len`` columns (with ``position_ids`` when ``masked``)."""
     empty = np.zeros((0, seq_len), dtype=np.int64)
     out = Packed(*_to_tensors(empty, empty, empty.astype(bool)))
     if masked:
@@ -152,7 +153,7 @@ class Packer:
 
     def _take(self, n: int, pad: int) -> Packed:
         if n == 0:
-            return _empty(self.seq_len, self.masked)
+            return empty(self.seq_len, self.masked)
         ids = np.concatenate(self._ids)
         labels = np.concatenate(self._labels)
         doc = np.concatenate(self._doc) if self.masked else None

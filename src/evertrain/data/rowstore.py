@@ -36,7 +36,7 @@ import torch
 import xxhash
 
 from evertrain.data.dataset import TokenizedDataset, fingerprint_of
-from evertrain.data.pack import IGNORE_INDEX, Packed, concat
+from evertrain.data.pack import IGNORE_INDEX, Packed, concat, empty
 
 NAMES = ("input_ids", "labels", "attention_mask", "position_ids")
 _DTYPES = {"input_ids": "I32", "labels": "I32", "attention_mask": "BOOL", "position_ids": "I32"}
@@ -89,11 +89,7 @@ class MemoryRows:
 
     def dataset(self, settings: dict[str, Any]) -> TokenizedDataset:
         """All rows added, in order."""
-        if not self._parts:
-            empty = torch.zeros((0, self.seq_len), dtype=torch.int32)
-            pos = empty if self.masked else None
-            return TokenizedDataset(empty, empty, empty.bool(), settings, pos)
-        p = concat(self._parts)
+        p = concat(self._parts or [empty(self.seq_len, self.masked)])
         return TokenizedDataset(p.input_ids, p.labels, p.attention_mask, settings, p.position_ids)
 
     def close(self) -> None:
