@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from evertrain.data import (
     is_validation,
     pack,
     pad_rows,
+    target_tokens,
 )
 
 EOS, PAD, IGN = 1, 0, -100
@@ -145,21 +147,57 @@ def test_packing_boundaries_and_shift(tok: ByT5Tokenizer) -> None:
         (b("hello") + [EOS], [True] * 6),
     ]
     p = pack(docs, seq_len=5, pad_id=PAD)
-    stream = b("abc") + [EOS] + b("xy") + [EOS] + b("hello") + [EOS]
     assert p.input_ids.dtype == torch.int32 and p.input_ids.shape == (3, 5)
-    assert p.input_ids.flatten().tolist() == stream + [PAD] * 2
-    assert p.attention_mask.flatten().tolist() == [True] * 13 + [False] * 2
-    labels = p.labels.flatten().tolist()
-    # Doc starts (0, 4, 7) and the masked 'x' never targets; pads never targets.
-    starts = {0, 4, 7}
-    expected = [IGN if i in starts else t for i, t in enumerate(stream)]
-    assert labels == expected + [IGN, IGN]
-    # The causal shift scores logits[i] against labels[i+1]: every scored pair must lie in
-    # one document, i.e. no token is trained to predict across a document boundary.
-    doc_of = [0] * 4 + [1] * 3 + [2] * 6 + [-1, -2]
-    for i in range(1, 15):
-        if labels[i] != IGN:
-            assert doc_of[i - 1] == doc_of[i]
+    # "xy" and "hello" continue past a row's end: the next row starts with the token
+    # before the cut again ("x", "e"), so "y" and the second "l" are scored, after their
+    # predecessors; 13 tokens + 2 overlaps fill 3 rows exactly
+    assert p.input_ids.tolist() == [
+        b("abc") + [EOS] + b("x"),
+        b("xy") + [EOS] + b("he"),
+        b("ello") + [EOS],
+    ]
+    assert p.attention_mask.all()
+    # doc starts ("a", "x", "h") and the prompt "x" are never targets
+    assert p.labels.tolist() == [
+        [IGN] + b("bc") + [EOS, IGN],
+        [IGN] + b("y") + [EOS, IGN] + b("e"),
+        [IGN] + b("llo") + [EOS],
+    ]
+    # every target of every document, once; no label that is not -100 goes unscored
+    assert target_tokens(p.labels) == int((p.labels != IGN).sum()) == 3 + 2 + 5
+
+
+def test_packing_scores_every_target_once_after_its_predecessor() -> None:
+    """Random documents of unique tokens (document * 100 + position): every scored label is
+    the token right after its input in the same document, and the scored targets are each
+    document's targets (position >= 1, flag set), each exactly once; greedy and masked."""
+    rng = random.Random(3)
+    for _ in range(200):
+        docs = []
+        for d in range(rng.randint(0, 8)):
+            k = rng.randint(0, 14)
+            docs.append(([d * 100 + i for i in range(k)], [rng.random() < 0.7 for _ in range(k)]))
+        seq_len = rng.randint(2, 7)
+        want = sorted(ids[j] for ids, flags in docs for j in range(1, len(ids)) if flags[j])
+        for masked in (False, True):
+            p = pack(docs, seq_len, pad_id=-1, masked=masked)
+            ids, labels = p.input_ids.tolist(), p.labels.tolist()
+            scored = []
+            for row_ids, row_labels in zip(ids, labels, strict=True):
+                for c in range(1, seq_len):
+                    if row_labels[c] != IGN:
+                        assert row_labels[c] == row_ids[c] == row_ids[c - 1] + 1
+                        scored.append(row_labels[c])
+            assert sorted(scored) == want
+            assert all(row_labels[0] == IGN for row_labels in labels)
+            # the rows hold the stream in order: each row continues where the last ended,
+            # or one token back where a document continues
+            stream = [t for d_ids, _ in docs for t in d_ids]
+            rebuilt: list[int] = []
+            for row_ids, keep in zip(ids, p.attention_mask.tolist(), strict=True):
+                row = [t for t, k in zip(row_ids, keep, strict=True) if k]
+                rebuilt += row[1:] if rebuilt and row[0] == rebuilt[-1] else row
+            assert rebuilt == stream
 
 
 def test_padding_one_document_per_row_with_truncation() -> None:
@@ -180,8 +218,11 @@ def test_build_datasets_packed_and_padded(tmp_path: Path, tok: ByT5Tokenizer) ->
     assert set(row) == {"input_ids", "labels", "attention_mask"}
     assert all(v.dtype == torch.long and v.shape == (16,) for v in row.values())
     total = sum(len(f"doc {i}" * (i + 1)) + 1 for i in range(12))
-    assert rep.train.tokens == total == train.total_tokens
-    assert len(train) == -(-total // 16) and rep.train.documents == 12
+    # every token but each document's first is a target, once; rows that continue a
+    # document repeat one token (the overlap), so the rows hold a little more than the text
+    assert rep.train.target_tokens == total - 12 and rep.train.documents == 12
+    assert total < rep.train.tokens == train.total_tokens < total + len(train)
+    assert len(train) == -(-rep.train.tokens // 16)  # every row full but the last
     padded, _, rep2 = build_datasets(cfg.model_copy(update={"packing": False}), tok, seed=1)
     assert len(padded) == 12 and padded.num_tokens(0) == len("doc 0") + 1
     assert rep2.train.truncated_documents == sum(

@@ -23,15 +23,23 @@ def _doc(ids: list[int]) -> tuple[list[int], list[bool]]:
 
 
 def test_masked_rows_count_positions_per_document() -> None:
-    docs = [_doc([5, 6, 7]), _doc([8, 9, 10, 11, 12]), _doc([13, 14])]
+    docs = [_doc([5, 6, 7]), _doc([8, 9, 10, 11, 12]), _doc([13, 14, 15])]
     greedy, masked = pack(docs, 4, pad_id=0), pack(docs, 4, pad_id=0, masked=True)
     assert greedy.position_ids is None
     assert torch.equal(masked.input_ids, greedy.input_ids)
     assert torch.equal(masked.labels, greedy.labels)
+    # a continued document starts its row with the token before the cut again
+    assert masked.input_ids.tolist() == [
+        [5, 6, 7, 8],
+        [8, 9, 10, 11],
+        [11, 12, 13, 14],
+        [14, 15, 0, 0],
+    ]
     # every document and every row starts at 0; the padding is a segment of its own
     assert masked.position_ids is not None
-    assert masked.position_ids.tolist() == [[0, 1, 2, 0], [0, 1, 2, 3], [0, 1, 0, 1]]
-    assert masked.labels[2].tolist() == [IGNORE_INDEX, 14, IGNORE_INDEX, IGNORE_INDEX]
+    assert masked.position_ids.tolist() == [[0, 1, 2, 0], [0, 1, 2, 3], [0, 1, 0, 1], [0, 1, 0, 1]]
+    assert masked.labels[2].tolist() == [IGNORE_INDEX, 12, IGNORE_INDEX, 14]
+    assert masked.labels[3].tolist() == [IGNORE_INDEX, 15, IGNORE_INDEX, IGNORE_INDEX]
 
 
 def test_a_masked_packed_document_computes_what_it_computes_alone() -> None:

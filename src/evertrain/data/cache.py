@@ -28,8 +28,10 @@ from evertrain.data.rowstore import verify_file
 from evertrain.fsutil import atomic_write_bytes
 
 log = logging.getLogger("evertrain.data")
-# 2: one safetensors file per tensor, memory-mapped (1: one file for all, read into memory)
-CACHE_VERSION = 2
+# 3: packed rows overlap by one token where a document continues (2: they did not: the
+# first target after each cut was never scored); 2: one safetensors file per tensor,
+# memory-mapped (1: one file for all, read into memory)
+CACHE_VERSION = 3
 
 
 def cache_key(spec: dict[str, Any]) -> str:

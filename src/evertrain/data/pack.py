@@ -12,16 +12,21 @@ position ``i`` are scored against ``labels[i + 1]``): ``labels[i]`` is the token
 - padding.
 
 ``packing=True``: all documents are concatenated in order and cut into rows of exactly
-``seq_len`` tokens; a document that does not fit continues at position 0 of the next row
-(that position's label is never used, the shift drops it). The last, incomplete row is kept
-and right-padded (``attention_mask`` 0, labels -100) so no data is lost. Attention still
-spans document boundaries within a row (no block-diagonal mask): the labels stop the loss
-from crossing them, the usual trade-off of packed training.
+``seq_len`` tokens. A document that does not fit continues in the next row, which starts
+with the **last token of the previous row again** (an overlap of one token): position 0's
+label is never scored (the shift drops it), so without the overlap the token after the
+cut would never be a target; with it, every target of every document is scored exactly
+once, after its predecessor in the same row. The overlap token's label is -100 in its
+second row (it was scored in the first), so every label that is not -100 is scored
+exactly once. The last, incomplete row is kept and right-padded (``attention_mask`` 0,
+labels -100) so no data is lost. Attention still spans document boundaries within a row
+(no block-diagonal mask): the labels stop the loss from crossing them, the usual
+trade-off of packed training.
 
 ``packing="masked"``: the rows of ``packing=True``, plus ``position_ids`` that start at 0
 with every document and at every row (a document continued from the previous row starts
-again at 0 there: it cannot attend to its first part), and padding as a segment of its
-own. transformers turns positions that restart into a
+again at 0 there, at its overlap token: it cannot attend to its first part), and padding
+as a segment of its own. transformers turns positions that restart into a
 block-diagonal causal mask when neither an ``attention_mask`` nor a KV cache is passed
 (``masking_utils.find_packed_sequence_indices``: SDPA and eager attention; flash
 attention's varlen kernels on GPU), so each document attends only to itself and sees the
@@ -129,7 +134,7 @@ class Packer:
         self.seq_len, self.pad_id, self.masked = seq_len, pad_id, masked
         self._ids: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
-        self._doc: list[np.ndarray] = []
+        self._doc: list[np.ndarray] = []  # each waiting token's document index
         self._waiting = 0  # tokens in the lists above
         self._docs = 0  # non-empty documents fed: the next document's index
 
@@ -141,37 +146,55 @@ class Packer:
             ids, labels = _doc_arrays(d)
             self._ids.append(ids)
             self._labels.append(labels)
-            if self.masked:
-                self._doc.append(np.full(len(ids), self._docs, dtype=np.int64))
+            self._doc.append(np.full(len(ids), self._docs, dtype=np.int64))
             self._docs += 1
             self._waiting += len(ids)
-        return self._take(self._waiting // self.seq_len * self.seq_len, 0)
+        return self._take(last=False)
 
     def finish(self) -> Packed:
         """The last, incomplete row, right-padded (zero rows if nothing is waiting)."""
-        return self._take(self._waiting, -self._waiting % self.seq_len)
+        return self._take(last=True)
 
-    def _take(self, n: int, pad: int) -> Packed:
-        if n == 0:
+    def _take(self, last: bool) -> Packed:
+        if self._waiting < (1 if last else self.seq_len):
             return empty(self.seq_len, self.masked)
         ids = np.concatenate(self._ids)
         labels = np.concatenate(self._labels)
-        doc = np.concatenate(self._doc) if self.masked else None
-        rest = len(ids) - n
-        self._ids = [ids[n:]] if rest else []
-        self._labels = [labels[n:]] if rest else []
-        self._doc = [doc[n:]] if rest and doc is not None else []
-        self._waiting = rest
-        mask = np.ones(n + pad, dtype=bool)
-        mask[n:] = False
-        ids = np.concatenate([ids[:n], np.full(pad, self.pad_id, dtype=np.int64)])
-        labels = np.concatenate([labels[:n], np.full(pad, IGNORE_INDEX, dtype=np.int64)])
-        shape = (-1, self.seq_len)
-        out = Packed(*_to_tensors(ids.reshape(shape), labels.reshape(shape), mask.reshape(shape)))
-        if doc is not None:
+        doc = np.concatenate(self._doc)
+        n, size = len(ids), self.seq_len
+        starts, overlaps, p = [], [], 0
+        while n - p >= size:
+            starts.append(p)
+            p += size
+            # documents are fed whole, so one that continues past the row has its next
+            # token waiting: the next row starts one token back (see the module doc)
+            if p < n and doc[p] == doc[p - 1]:
+                p -= 1
+                overlaps.append(len(starts))
+        index = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(size)
+        row_ids, row_labels, row_doc = ids[index], labels[index], doc[index]
+        # the overlap token is a target in the row before, not in its own (nothing there
+        # predicts it): -100 keeps "every label not -100 is scored once" true for counts
+        row_labels[[i for i in overlaps if i < len(starts)], 0] = IGNORE_INDEX
+        if overlaps and overlaps[-1] == len(starts):
+            labels[p] = IGNORE_INDEX  # the waiting tokens start with an overlap
+        mask = np.ones(index.shape, dtype=bool)
+        if last and p < n:
+            row_ids = np.concatenate([row_ids, np.full((1, size), self.pad_id)])
+            row_ids[-1, : n - p] = ids[p:]
+            row_labels = np.concatenate([row_labels, np.full((1, size), IGNORE_INDEX)])
+            row_labels[-1, : n - p] = labels[p:]
             # the padding is a document of its own
-            doc = np.concatenate([doc[:n], np.full(pad, self._docs, dtype=np.int64)])
-            out.position_ids = _positions(doc.reshape(shape))
+            row_doc = np.concatenate([row_doc, np.full((1, size), self._docs)])
+            row_doc[-1, : n - p] = doc[p:]
+            mask = np.concatenate([mask, np.ones((1, size), dtype=bool)])
+            mask[-1, n - p :] = False
+            p = n
+        self._ids, self._labels, self._doc = [ids[p:]], [labels[p:]], [doc[p:]]
+        self._waiting = n - p
+        out = Packed(*_to_tensors(row_ids, row_labels, mask))
+        if self.masked:
+            out.position_ids = _positions(row_doc)
         return out
 
 
@@ -196,7 +219,8 @@ def concat(parts: list[Packed]) -> Packed:
 def pack(docs: list[Encoded], seq_len: int, pad_id: int, masked: bool = False) -> Packed:
     """Concatenate ``docs`` and cut them into rows of ``seq_len`` tokens (see module doc).
 
-    Returns ``ceil(total_tokens / seq_len)`` rows; zero rows for no documents.
+    Returns ``ceil((total_tokens - c) / seq_len)`` rows, ``c`` the one-token overlaps
+    (rows that continue a document); zero rows for no documents.
 
     Raises:
         ValueError: ``seq_len`` below 2.
