@@ -10,9 +10,9 @@ main job's text, :func:`evertrain.data.pydoc.pydoc_records`): the prompt is the 
 sentence, the completion the start of the next one, so a record's median length is far
 under a quarter of ``seq_len`` (the bench checks it and prints it). Every method trains the
 completion tokens and ``eos`` of every record (targets), and nothing is truncated. Packing
-continues a record that does not fit at the start of the next row, where its first token
-cannot be a target (nothing precedes it in the row): the packed runs train up to one target
-token per row fewer (the bench checks that bound and counts only the targets trained).
+continues a record that does not fit in the next row, which starts with the row's last
+token again (a one-token overlap), so the packed runs train every target too: the bench
+checks that every method trains the same number of target tokens.
 
 - ``evertrain_masked``: ``Trainer.fit`` with ``data.packing: masked`` (rows of 256 tokens
   holding many records, ``position_ids`` restarting per record, attention kept inside each
@@ -309,14 +309,10 @@ def main() -> None:
                   f"{seconds:.1f} s", flush=True)  # fmt: skip
     counts = {m: {r["targets"] for r in runs[m]} for m in METHODS}
     peers = counts["hf_trainer"]
-    # packing splits a record across rows; the continued part's first token starts its row
-    # and is no target there (nothing precedes it): at most one token per row, so packing
-    # trains slightly fewer targets, and its rate counts only those it trained
-    rows_packed = max(r["steps"] for r in runs["evertrain_masked"]) * MICRO_BATCH
+    # equal work: packing continues a split record with a one-token overlap, so it trains
+    # every target the padded peers train (on the main job's data the peers truncate)
     assert len(peers) == 1 and all(
-        a.data == "main" or 0 <= min(peers) - t <= rows_packed
-        for m in METHODS[:2]
-        for t in counts[m]
+        a.data == "main" or counts[m] == peers for m in METHODS[:2]
     ), f"unequal work: target tokens {counts}"
     rows_out = [[m, median(rate[m]), median([r["steps"] for r in runs[m]]),
                  pairwise(rate[m], rate["hf_trainer"]), pairwise(rate[m], rate["plain"])]

@@ -152,7 +152,9 @@ def query_plans(path: Path) -> dict[str, str]:
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     pend = "('queued', 'validating', 'training')"
     queries = {
-        "next_pending": f"SELECT * FROM files WHERE status IN {pend} ORDER BY id LIMIT 1",
+        # Ledger.pending_names (next_pending, the status queue): one per pending status
+        "pending_names (per status)": "SELECT id, name FROM files WHERE status = 'queued' "
+        "ORDER BY id LIMIT 51",
         "rows(queued, validating, training)": f"SELECT * FROM files WHERE status IN {pend} "
         "ORDER BY id",
         "counts": "SELECT status, COUNT(*) FROM files GROUP BY status",
@@ -514,10 +516,6 @@ def main() -> None:
             "repeats": a.repeats,
             "total_seconds": total,
             "setup": setup,
-            "not_measured": {
-                "tokenize_1gb": "the data pipeline reads whole files into memory "
-                "(src/evertrain/data/records.py read_bytes); waits for a streaming reader"
-            },
             "rows": rows,
         },
     )

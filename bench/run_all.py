@@ -138,6 +138,18 @@ def summary(results: Path = RESULT_DIRS["quiet"]) -> list[tuple[str, float, str]
                 "<= 0.5",
             ),
             ("time to first step, evertrain fresh / plain loop", q["evertrain_fresh_vs_plain"], ""),
+            *(
+                [
+                    (
+                        "time to first step, floor (imports, model, one step; no data) / HF "
+                        "Trainer: the least any restart can reach",
+                        q["floor_vs_hf_trainer"],
+                        "",
+                    )
+                ]
+                if "floor_vs_hf_trainer" in q
+                else []
+            ),
         ]
     if "compile" in r:
         for job, q in r["compile"]["jobs"].items():
@@ -267,7 +279,16 @@ def main() -> None:
         help="run every benchmark with one busy background process (a core kept busy by a "
         "spinning Python loop), started before and stopped after",
     )
+    p.add_argument(
+        "--only",
+        default="",
+        help="comma-separated script names without bench_/.py (e.g. checkpoint,throughput): "
+        "run only these, the others' results stay as they are",
+    )
     a = p.parse_args()
+    only = {f"bench_{n.strip()}.py" for n in a.only.split(",") if n.strip()}
+    if unknown := sorted(n for n in only if not (HERE / n).is_file()):
+        p.error(f"--only: no such benchmark {', '.join(unknown)} (see bench/)")
     busy = None
     if a.load and not a.summary_only:
         busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
@@ -276,7 +297,12 @@ def main() -> None:
         if not a.summary_only:
             t0 = time.perf_counter()
             out = RESULT_DIRS["load" if a.load else "quiet"]
-            run = functools.partial(run_one, results=out)
+            every = functools.partial(run_one, results=out)
+
+            def run(script: str, *args: str) -> None:
+                if not only or script in only:
+                    every(script, *args)
+
             run("bench_checkpoint.py", "--repeats", "2" if a.quick else "7")
             run("bench_resume.py", "--repeats", "1" if a.quick else "3")
             run(

@@ -17,10 +17,16 @@ At the end of the step (after ``optimizer.step``, ``zero_grad`` and reading the 
 to the host, as evertrain does before its metrics line) the process appends
 ``{"kind": "train", "global_step": 1, "loss": ..., "seconds": ..., "time": time.time()}`` to
 ``OUT/metrics.jsonl``, the file and line format evertrain writes, so the parent detects both
-the same way; the parent then kills the process. ``seconds`` is the step's own time, as in
+the same way; the parent then kills the process.
+
+``floor`` (a bound, not a peer): ``plain`` without the data: it tokenises only the
+``MICRO_BATCH`` documents its one step trains. What is left, importing torch, transformers
+and PEFT, loading the model, wrapping it and one step, is what any fresh process that
+trains this model with these libraries must do: no start-up, evertrain's restart included,
+can take less. ``seconds`` is the step's own time, as in
 evertrain's line: from its batch in hand to the line.
 
-Usage: ``python bench/startup_baselines.py {hf_trainer,plain} MODEL_DIR DATA OUT
+Usage: ``python bench/startup_baselines.py {hf_trainer,plain,floor} MODEL_DIR DATA OUT
 --targets q_proj,k_proj,... [--seq-len 128] [--micro-batch 4] [--r 8] [--alpha 16]``
 """
 
@@ -62,11 +68,11 @@ def load(a: argparse.Namespace) -> tuple[Any, Any]:
     return get_peft_model(model, lora), tok
 
 
-def rows(tok: Any, data: Path, seq_len: int) -> dict[str, torch.Tensor]:
-    """Every document of the JSONL file as one row: ``input_ids``, ``labels`` (-100 on
-    padding) and ``attention_mask``, ``[documents, seq_len]``."""
+def rows(tok: Any, data: Path, seq_len: int, limit: int | None = None) -> dict[str, torch.Tensor]:
+    """Every document of the JSONL file (the first ``limit``) as one row: ``input_ids``,
+    ``labels`` (-100 on padding) and ``attention_mask``, ``[documents, seq_len]``."""
     with open(data, encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f if line.strip()]
+        texts = [json.loads(line)["text"] for line in f if line.strip()][:limit]
     eos = tok.eos_token_id
     pad = eos if tok.pad_token_id is None else tok.pad_token_id
     encoded = tok(texts, add_special_tokens=False)["input_ids"]
@@ -116,11 +122,12 @@ def hf_trainer(a: argparse.Namespace) -> None:
     trainer.train()
 
 
-def plain(a: argparse.Namespace) -> None:
-    """Forward, backward, clip, ``AdamW.step``, ``zero_grad`` on ``micro_batch`` random rows."""
+def plain(a: argparse.Namespace, floor: bool = False) -> None:
+    """Forward, backward, clip, ``AdamW.step``, ``zero_grad`` on ``micro_batch`` random rows
+    (``floor``: the first ``micro_batch`` documents, the only ones tokenised)."""
     torch.manual_seed(SEED)
     model, tok = load(a)
-    data = rows(tok, a.data, a.seq_len)
+    data = rows(tok, a.data, a.seq_len, a.micro_batch if floor else None)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     pick = torch.randperm(len(data["input_ids"]))[: a.micro_batch]
@@ -136,7 +143,7 @@ def plain(a: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("method", choices=["hf_trainer", "plain"])
+    p.add_argument("method", choices=["hf_trainer", "plain", "floor"])
     p.add_argument("model_dir")
     p.add_argument("data", type=Path)
     p.add_argument("out", type=Path)
@@ -148,7 +155,10 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     a.out.mkdir(parents=True, exist_ok=True)
-    {"hf_trainer": hf_trainer, "plain": plain}[a.method](a)
+    if a.method == "floor":
+        plain(a, floor=True)
+    else:
+        {"hf_trainer": hf_trainer, "plain": plain}[a.method](a)
 
 
 if __name__ == "__main__":
