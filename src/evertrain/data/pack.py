@@ -171,26 +171,22 @@ class Packer:
             if p < n and doc[p] == doc[p - 1]:
                 p -= 1
                 overlaps.append(len(starts))
+        if last and p < n:  # the last row, right-padded; the padding is a document of its own
+            pad = size - (n - p)
+            ids = np.concatenate([ids, np.full(pad, self.pad_id, dtype=np.int64)])
+            labels = np.concatenate([labels, np.full(pad, IGNORE_INDEX, dtype=np.int64)])
+            doc = np.concatenate([doc, np.full(pad, self._docs, dtype=np.int64)])
+            starts.append(p)
         index = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(size)
-        row_ids, row_labels, row_doc = ids[index], labels[index], doc[index]
+        row_ids, row_labels, row_doc, mask = ids[index], labels[index], doc[index], index < n
         # the overlap token is a target in the row before, not in its own (nothing there
         # predicts it): -100 keeps "every label not -100 is scored once" true for counts
         row_labels[[i for i in overlaps if i < len(starts)], 0] = IGNORE_INDEX
-        if overlaps and overlaps[-1] == len(starts):
-            labels[p] = IGNORE_INDEX  # the waiting tokens start with an overlap
-        mask = np.ones(index.shape, dtype=bool)
-        if last and p < n:
-            row_ids = np.concatenate([row_ids, np.full((1, size), self.pad_id)])
-            row_ids[-1, : n - p] = ids[p:]
-            row_labels = np.concatenate([row_labels, np.full((1, size), IGNORE_INDEX)])
-            row_labels[-1, : n - p] = labels[p:]
-            # the padding is a document of its own
-            row_doc = np.concatenate([row_doc, np.full((1, size), self._docs)])
-            row_doc[-1, : n - p] = doc[p:]
-            mask = np.concatenate([mask, np.ones((1, size), dtype=bool)])
-            mask[-1, n - p :] = False
+        if last:
             p = n
-        self._ids, self._labels, self._doc = [ids[p:]], [labels[p:]], [doc[p:]]
+        elif overlaps and overlaps[-1] == len(starts):
+            labels[p] = IGNORE_INDEX  # the waiting tokens start with an overlap
+        self._ids, self._labels, self._doc = [ids[p:n]], [labels[p:n]], [doc[p:n]]
         self._waiting = n - p
         out = Packed(*_to_tensors(row_ids, row_labels, mask))
         if self.masked:
