@@ -17,14 +17,14 @@ At the end of the step (after ``optimizer.step``, ``zero_grad`` and reading the 
 to the host, as evertrain does before its metrics line) the process appends
 ``{"kind": "train", "global_step": 1, "loss": ..., "seconds": ..., "time": time.time()}`` to
 ``OUT/metrics.jsonl``, the file and line format evertrain writes, so the parent detects both
-the same way; the parent then kills the process.
+the same way; the parent then kills the process. ``seconds`` is the step's own time, as in
+evertrain's line: from its batch in hand to the line.
 
 ``floor`` (a bound, not a peer): ``plain`` without the data: it tokenises only the
 ``MICRO_BATCH`` documents its one step trains. What is left, importing torch, transformers
 and PEFT, loading the model, wrapping it and one step, is what any fresh process that
 trains this model with these libraries must do: no start-up, evertrain's restart included,
-can take less. ``seconds`` is the step's own time, as in
-evertrain's line: from its batch in hand to the line.
+can take less.
 
 Usage: ``python bench/startup_baselines.py {hf_trainer,plain,floor} MODEL_DIR DATA OUT
 --targets q_proj,k_proj,... [--seq-len 128] [--micro-batch 4] [--r 8] [--alpha 16]``
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -155,10 +156,8 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     a.out.mkdir(parents=True, exist_ok=True)
-    if a.method == "floor":
-        plain(a, floor=True)
-    else:
-        {"hf_trainer": hf_trainer, "plain": plain}[a.method](a)
+    methods = {"hf_trainer": hf_trainer, "plain": plain, "floor": partial(plain, floor=True)}
+    methods[a.method](a)
 
 
 if __name__ == "__main__":

@@ -215,8 +215,8 @@ def concat(parts: list[Packed]) -> Packed:
 def pack(docs: list[Encoded], seq_len: int, pad_id: int, masked: bool = False) -> Packed:
     """Concatenate ``docs`` and cut them into rows of ``seq_len`` tokens (see module doc).
 
-    Returns ``ceil((total_tokens - c) / seq_len)`` rows, ``c`` the one-token overlaps
-    (rows that continue a document); zero rows for no documents.
+    Returns ``ceil((total_tokens + c) / seq_len)`` rows, ``c`` the one-token overlaps
+    (rows that continue a document, each repeating one token); zero rows for no documents.
 
     Raises:
         ValueError: ``seq_len`` below 2.
