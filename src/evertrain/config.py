@@ -234,7 +234,8 @@ class TrainConfig(_Section):
     momentum: float = Field(0.0, ge=0)  # sgd only
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # auto: bf16 where the device multiplies it natively, else fp32 (evertrain.precision)
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:N
     eval_every_steps: int | None = Field(None, gt=0)
     eval_max_batches: int | None = Field(None, gt=0)

@@ -27,7 +27,7 @@ FOREIGN_KEYS = {
     "adam_epsilon": "train.eps",
     "optim": "train.optimizer",
     "bf16": "train.precision: bf16",
-    "fp16": "train.precision (fp32 or bf16)",
+    "fp16": "train.precision (fp32, bf16 or auto)",
     "eval_steps": "train.eval_every_steps",
     "gradient_checkpointing": "train.gradient_checkpointing",
     "save_steps": "checkpoint.every_steps",

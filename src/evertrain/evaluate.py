@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from evertrain import precision as precision_lib
 from evertrain.checkpoint.format import step_dir_name
 from evertrain.config import RunConfig
 from evertrain.data.pack import target_tokens
@@ -192,9 +193,7 @@ def heldout_loss(
             micro_batch_size=micro_batch_size,
             max_batches=max_batches,
             device=dev,
-            autocast=lambda: torch.autocast(
-                dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"
-            ),
+            autocast=lambda: precision_lib.autocast(dev, precision),
         )
     if count == 0:
         return None, rows, 0

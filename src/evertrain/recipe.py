@@ -26,6 +26,7 @@ from evertrain.fsdp import enable_gradient_checkpointing, shard_model
 from evertrain.model_state import AdapterConfigState, ModelState
 from evertrain.models import load_model, trainable_parameters
 from evertrain.optim import build_optimizer
+from evertrain.precision import resolve
 from evertrain.rng import seed_everything
 from evertrain.runlock import LOCK_NAME, RunLock
 from evertrain.schedule import LRScheduler
@@ -127,8 +128,8 @@ def build_trainer(
         distributed.seed_rank(cfg.seed, group)  # ranks > 0: their own dropout masks
         if t.parallel == "fsdp" and group.distributed:
             # FSDP2 in place; the Trainer's owners then save each rank's slices
-            on_cuda = next(model.parameters()).is_cuda
-            shard_model(model, group.world_size, bf16=t.precision == "bf16" and on_cuda)
+            bf16 = next(model.parameters()).is_cuda and resolve(t.precision, group.device) == "bf16"
+            shard_model(model, group.world_size, bf16=bf16)
             ddp = model
         else:  # DDP with several ranks; checkpoints name the original module's parameters
             ddp = distributed.wrap_model(model, group)

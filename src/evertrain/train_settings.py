@@ -49,7 +49,8 @@ class TrainSettings:
         epochs: passes over ``train_data`` when ``max_steps`` is None.
         max_steps: optimizer steps of the run (overrides ``epochs``).
         max_grad_norm: clip the global gradient norm to this (None: no clipping).
-        precision: ``"fp32"`` or ``"bf16"`` (autocast).
+        precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (bf16 where the device
+            computes it natively, else fp32: :mod:`evertrain.precision`).
         eval_every_steps / eval_max_batches: held-out loss every N optimizer steps, on at
             most M micro-batches (None: every batch).
         seed: the data order's seed (a pure function of (seed, epoch)).

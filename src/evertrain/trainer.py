@@ -16,7 +16,7 @@ rank 0 writes the metrics and commits checkpoints, every rank writes its own RNG
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
 import math
 import time
@@ -28,6 +28,7 @@ import torch
 
 from evertrain import distributed
 from evertrain import owners as owners_lib
+from evertrain import precision as precision_lib
 from evertrain.checkpoint import CheckpointInfo, retention_from_config
 from evertrain.checkpointer import Checkpointer, ResumeError
 from evertrain.config import CheckpointConfig, ConfigError
@@ -135,6 +136,8 @@ class Trainer:
         # batches go where the model is (a CUDA model in a CPU process group, too)
         self.device = next(model.parameters()).device if group is None else self.dist.device
         self.world_size, self.rank = self.dist.world_size, self.dist.rank
+        self.precision = precision_lib.announce(s.precision, self.device)  # "auto" resolved
+        self._autocast = functools.partial(precision_lib.autocast, self.device, self.precision)
         self.grad_accum_steps = s.grad_accum_steps
         self.train_ds, self.val_ds = train_data, eval_data
         self.run_dir = Path(run_dir)
@@ -224,6 +227,7 @@ class Trainer:
         if info is not None:
             summary = self.ckpt.latest()
             self.last_eval = dict(summary.summary.get("metrics", {})) if summary else {}
+            precision_lib.warn_changed(summary and summary.summary.get("precision"), self.precision)
             for change in getattr(self.scheduler, "changes", list)():
                 log.warning("LR schedule changed since checkpoint: %s", change)
             where = (
@@ -246,6 +250,7 @@ class Trainer:
             "tokens_seen": p.tokens_seen,
             "lr": self.lr_at(max(p.global_step - 1, 0)),
             "metrics": dict(self.last_eval),
+            "precision": self.precision,
             # the split of the global batch (a resume on another process count keeps it)
             "batch": {
                 "world_size": self.world_size,
@@ -329,11 +334,6 @@ class Trainer:
             count_targets=self.count_targets, settings=self.settings, group=self.dist,
             device=self.device, autocast=self._autocast,
         )  # fmt: skip
-
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        return torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=self.settings.precision == "bf16"
-        )
 
     # ------------------------------------------------------------------ the loop
 
