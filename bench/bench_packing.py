@@ -18,6 +18,9 @@ checks that every method trains the same number of target tokens.
   holding many records, ``position_ids`` restarting per record, attention kept inside each
   record: what is learned is the same as unpacked).
 - ``evertrain_greedy`` (information): ``data.packing: true`` (attention spans records).
+- ``evertrain_none`` (information): ``data.packing: none``, one record per row padded to
+  ``seq_len``, each micro-batch cut to its longest row (``data.trim_padding``, the
+  default): the same batches as the HF Trainer's padding to the longest.
 - ``hf_trainer``: ``transformers.Trainer`` with ``DataCollatorForSeq2Seq`` padding each
   batch to its longest record (the usual SFT set-up; the strongest padded baseline).
 - ``plain``: a hand-written loop over records right-padded to ``seq_len``, the simplest
@@ -60,7 +63,8 @@ from evertrain.config import load_config
 from evertrain.recipe import build_trainer
 
 SEQ_LEN, MICRO_BATCH, LR, MAX_GRAD_NORM, SEED = 256, 4, 2e-4, 1.0, 1234
-METHODS = ["evertrain_masked", "evertrain_greedy", "hf_trainer", "plain"]
+METHODS = ["evertrain_masked", "evertrain_greedy", "evertrain_none", "hf_trainer", "plain"]
+PACKING = {"evertrain_masked": "masked", "evertrain_greedy": "greedy", "evertrain_none": "none"}
 MAIN_JOB_FILES = (0, 4, 5, 6, 8, 11)  # scripts/main.sh's FILES
 MAIN_JOB_SEQ_LEN = 128  # examples/watch-smollm2.yaml
 
@@ -269,8 +273,7 @@ def main() -> None:
         main_job_data(data, a.records)
     else:
         make_data(data, a.records, max_words=5 if a.quick else 24)  # tiny model: byte tokens
-    cfgs = {m: config(data, model, "masked" if m == "evertrain_masked" else "greedy")
-            for m in METHODS[:2]}  # fmt: skip
+    cfgs = {m: config(data, model, packing) for m, packing in PACKING.items()}
     model_dir = work / "model"
     if model == "tiny":
         from evertrain.models.tiny import build_tiny
@@ -312,7 +315,7 @@ def main() -> None:
     # equal work: packing continues a split record with a one-token overlap, so it trains
     # every target the padded peers train (on the main job's data the peers truncate)
     assert len(peers) == 1 and all(
-        a.data == "main" or counts[m] == peers for m in METHODS[:2]
+        (a.data == "main" and m != "evertrain_none") or counts[m] == peers for m in PACKING
     ), f"unequal work: target tokens {counts}"
     rows_out = [[m, median(rate[m]), median([r["steps"] for r in runs[m]]),
                  pairwise(rate[m], rate["hf_trainer"]), pairwise(rate[m], rate["plain"])]
@@ -341,6 +344,7 @@ def main() -> None:
                 "masked_vs_plain": pairwise(rate["evertrain_masked"], rate["plain"]),
                 "greedy_vs_hf_trainer": pairwise(rate["evertrain_greedy"], rate["hf_trainer"]),
                 "masked_vs_greedy": pairwise(rate["evertrain_masked"], rate["evertrain_greedy"]),
+                "none_vs_hf_trainer": pairwise(rate["evertrain_none"], rate["hf_trainer"]),
             },
         },
     )

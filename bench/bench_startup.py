@@ -98,6 +98,8 @@ def write_config(path: Path, data: Path, cache_dir: Path) -> Path:
             "packing": False,
             "val_fraction": 0.0,
             "cache_dir": str(cache_dir),
+            # the baselines compute on full seq_len rows: the same work, not less
+            "trim_padding": False,
         },
         "train": {
             "micro_batch_size": MICRO_BATCH,

@@ -174,6 +174,9 @@ def summary(results: Path = RESULT_DIRS["quiet"]) -> list[tuple[str, float, str]
              q["masked_vs_plain"], ""),
             (f"target tokens/s, packing masked / greedy ({model})", q["masked_vs_greedy"], ""),
         ]  # fmt: skip
+        if "none_vs_hf_trainer" in q:  # packing none, each micro-batch cut to its longest row
+            rows.append((f"target tokens/s, packing none (trimmed) / HF Trainer padded "
+                         f"(short records, {model})", q["none_vs_hf_trainer"], ""))  # fmt: skip
     if "packing_main" in r:
         q, model = r["packing_main"]["ratios"], r["packing_main"]["model"]
         rows += [

@@ -159,6 +159,11 @@ class DataConfig(_Section):
     text_split: Literal["documents", "chunks"] = "documents"  # plain .txt files
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     num_workers: int = Field(0, ge=0)
+    # drop each micro-batch's trailing columns that are padding in every row (the same
+    # loss, less compute on padded rows: evertrain.data.loader.trim_padding); None: on
+    # unless model.compile (a compiled graph specialises on the length: a resume that meets
+    # another length first would compile another graph, whose sums may differ)
+    trim_padding: bool | None = None
     on_bad_record: Literal["fail", "skip"] = "fail"
     # a larger record (e.g. one JSONL line) is a bad record, refused before it is parsed
     max_record_bytes: int = Field(DEFAULT_MAX_RECORD_BYTES, gt=0)
@@ -181,6 +186,8 @@ class DataConfig(_Section):
             out.pop("columns", None)
         if isinstance(out, dict) and out.get("chat_template") is None:
             out.pop("chat_template", None)
+        if isinstance(out, dict) and out.get("trim_padding") is None:
+            out.pop("trim_padding", None)
         return out  # type: ignore[no-any-return]
 
     @field_validator("columns")

@@ -20,6 +20,7 @@ BREAKING_PREFIXES = (
     "data.format",
     "data.seq_len",
     "data.packing",
+    "data.trim_padding",
     "data.text_split",
     "data.val_fraction",
     "data.columns",

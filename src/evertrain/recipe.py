@@ -53,6 +53,9 @@ def settings_from_config(cfg: RunConfig, grad_accum_steps: int) -> TrainSettings
         seed=cfg.seed,
         num_workers=cfg.data.num_workers,
         on_nonfinite=t.on_nonfinite,
+        trim_padding=(
+            not cfg.model.compile if cfg.data.trim_padding is None else cfg.data.trim_padding
+        ),
     )
 
 

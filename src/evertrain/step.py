@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from evertrain import distributed
-from evertrain.data.loader import ROW_MASK
+from evertrain.data.loader import ROW_MASK, trim_padding
 from evertrain.faults import maybe_crash, poisoned
 from evertrain.sharded import is_sharded_model, reshard
 
@@ -141,6 +141,7 @@ def loss_totals(
     rank: int = 0,
     world_size: int = 1,
     lockstep: bool = False,
+    trim: bool = True,
 ) -> tuple[float, int, int]:
     """``(summed token loss in nats, target tokens, rows)`` of ``dataset``'s rows in
     order, ``micro_batch_size`` at a time (at most ``max_batches`` batches; batch ``b``
@@ -150,7 +151,10 @@ def loss_totals(
     ``lockstep``: every rank runs the same number of forward passes (a rank without a batch
     in the last round repeats batch 0 and discards it), for a sharded model whose every
     forward is a collective (FSDP2 all-gathers the weights): otherwise a rank done early
-    waits in the final all-reduce while another waits in an all-gather, forever."""
+    waits in the final all-reduce while another waits in an all-gather, forever.
+
+    ``trim``: each batch loses its trailing all-padding columns
+    (:func:`~evertrain.data.loader.trim_padding`), as training batches do."""
     total, count, scored = 0.0, 0, 0
     starts = list(range(0, len(dataset), micro_batch_size))
     if max_batches is not None:
@@ -164,6 +168,7 @@ def loss_totals(
         start = starts[b] if real else 0
         rows = [dataset[i] for i in range(start, min(start + micro_batch_size, len(dataset)))]
         host = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        host = trim_padding(host) if trim else host
         batch = {k: v.to(device) for k, v in host.items()}
         with autocast():
             loss = float(loss_fn(forward, batch))
@@ -195,7 +200,7 @@ def heldout_loss(
         forward, dataset, loss_fn=loss_fn, count_targets=count_targets,
         micro_batch_size=settings.micro_batch_size, max_batches=settings.eval_max_batches,
         device=device, autocast=autocast, rank=group.rank, world_size=group.world_size,
-        lockstep=is_sharded_model(model),
+        lockstep=is_sharded_model(model), trim=getattr(settings, "trim_padding", True),
     )  # fmt: skip
     model.train()
     reshard(model)

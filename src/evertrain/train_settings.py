@@ -60,6 +60,11 @@ class TrainSettings:
             batches (a ``"skipped": true`` train line in the metrics) and goes on,
             ``"rollback"`` also reloads model and optimizer from the newest checkpoint
             (:mod:`evertrain.guard`).
+        trim_padding: drop each micro-batch's trailing columns that are padding in every
+            row, in training and held-out batches (:func:`evertrain.data.loader.
+            trim_padding`: a step on padded rows costs what its longest row does; without
+            dropout the same loss up to float rounding). Off for a compiled model whose
+            shapes must not vary.
     """
 
     micro_batch_size: int = 4
@@ -73,6 +78,7 @@ class TrainSettings:
     seed: int = 0
     num_workers: int = 0
     on_nonfinite: str = "stop"
+    trim_padding: bool = True
 
 
 def token_loss_sum(

@@ -352,6 +352,7 @@ class Trainer:
             seed=s.seed,
             rank=self.rank,
             world_size=self.world_size,
+            trim_padding=s.trim_padding,
         )
         for batch in self.loader:
             self.cursor.advance_micro(s.micro_batch_size, self.world_size)

@@ -318,6 +318,7 @@ class FileWork(BadFiles):
             replay=replay,
             rank=tr.rank,
             world_size=tr.world_size,
+            trim=tr.settings.trim_padding,
         )
         every = self.cfg.train.eval_every_steps
         micro = [0]  # micro-batches of the step about to run (rank 0 decides, tells the others)

@@ -218,6 +218,7 @@ class Follower:
             replay=replay,
             rank=tr.rank,
             world_size=tr.world_size,
+            trim=tr.settings.trim_padding,
         )
 
     @contextlib.contextmanager

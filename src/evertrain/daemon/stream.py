@@ -29,7 +29,7 @@ import xxhash
 
 from evertrain.daemon.replay import ReplaySampler
 from evertrain.data import DataCursor, TokenizedDataset, make_loader
-from evertrain.data.loader import ROW_MASK
+from evertrain.data.loader import ROW_MASK, trim_padding
 from evertrain.state import StateError, check_version
 
 
@@ -234,12 +234,15 @@ def file_batches(
     replay: ReplaySampler | None,
     rank: int = 0,
     world_size: int = 1,
+    trim: bool = True,
 ) -> Generator[dict[str, torch.Tensor], None, None]:
     """Micro-batches of the current file from the cursor's position, each extended by its
     replay rows. The cursor and ``plan``'s counters advance as each micro-batch is handed
     out (not as the loader prefetches), so a checkpoint between optimizer steps records
     exactly what was trained. Yields ``{"input_ids", "labels", "attention_mask"}``, each
-    ``long [micro_batch_size, seq_len]``. Stops after the file's last micro-batch.
+    ``long [micro_batch_size, length]``: ``seq_len``, or with ``trim`` the micro-batch's
+    longest row, replay rows included (:func:`~evertrain.data.loader.trim_padding`). Stops
+    after the file's last micro-batch.
 
     Under torchrun (``world_size`` > 1) this rank gets its ``rows_per_micro`` rows of each
     global micro-batch (the cursor's ``global_batch_size`` is ``rows_per_micro x
@@ -254,6 +257,7 @@ def file_batches(
         seed=plan.seed,
         rank=rank,
         world_size=world_size,
+        trim_padding=False,  # after the replay rows (full seq_len) are added
     )
     try:
         for batch in loader:
@@ -269,6 +273,7 @@ def file_batches(
                 batch = replay.extend(batch, step, micro * world_size + rank)
                 extra = batch["input_ids"].shape[0] - real.shape[0]  # replay rows are real
                 real = torch.cat([real, torch.ones(extra, dtype=torch.bool)])
-            yield {**batch, ROW_MASK: real}
+            batch = {**batch, ROW_MASK: real}
+            yield trim_padding(batch) if trim else batch
     finally:
         loader.close()

@@ -167,7 +167,9 @@ def build_datasets(
                     {"path": f, "xxh3_128": h} for f, h in zip(cfg.files, hashes, strict=True)
                 ],
                 "tokenizer": tokenizer_identity(tokenizer),
-                "data": cfg.model_dump(mode="json", exclude={"cache_dir", "num_workers", "files"}),
+                "data": cfg.model_dump(
+                    mode="json", exclude={"cache_dir", "num_workers", "files", "trim_padding"}
+                ),
                 "chunk_chars": chunk_chars(cfg),
                 "seed": seed,
                 **({"model_kind": kind} if kind != "causal" else {}),

@@ -72,8 +72,45 @@ class _PaddedRows:
         return {**self.padding, ROW_MASK: torch.tensor(False)}
 
 
-def _collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` without the trailing columns that are padding in every row.
+
+    A column is kept up to the last one where some row has ``attention_mask`` True or a
+    label other than -100; every tensor of shape ``[rows, seq_len, ...]`` becomes ``[rows,
+    kept, ...]`` (contiguous copies), others (``row_mask [rows]``) stay. A batch without a
+    2-D ``attention_mask`` is returned as it is.
+
+    Why it is safe: rows are right-padded, so in a causal LM no kept position attends to a
+    dropped one and no dropped position is a target; an encoder-decoder's encoder masks the
+    dropped inputs out and its causal decoder has no target there either. Without dropout
+    the loss is the same up to float rounding (matmuls of another shape may sum in another
+    order); dropout masks are drawn in the kept shape, so they differ from an untrimmed
+    run's. A step costs what its longest row does, not ``seq_len`` (the HF Trainer's
+    collators pad to the batch's longest row for the same reason). Deterministic, so a
+    resume stays exact.
+    """
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return batch
+    # numpy on the host batch: no tensor read-back (a device sync if it were on a GPU)
+    used = mask.numpy().astype(bool)
+    labels = batch.get("labels")
+    if labels is not None and labels.shape == mask.shape:
+        used = used | (labels.numpy() != -100)
+    cols = np.flatnonzero(used.any(0))
+    n = mask.shape[1]
+    keep = int(cols[-1]) + 1 if len(cols) else 1
+    if keep == n:
+        return batch
+    return {
+        k: v[:, :keep].contiguous() if v.dim() >= 2 and v.shape[1] == n else v
+        for k, v in batch.items()
+    }
+
+
+def _collate(rows: list[dict[str, torch.Tensor]], trim: bool = False) -> dict[str, torch.Tensor]:
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    return trim_padding(batch) if trim else batch
 
 
 class _CursorBatchSampler:
@@ -106,7 +143,8 @@ class DataIterator:
     """An iterator over collated micro-batches; :meth:`close` stops worker processes.
 
     Each item is ``{"input_ids", "labels", "attention_mask"}``, each ``long
-    [micro_batch_size, seq_len]``. The iterator is infinite (it continues across epochs).
+    [micro_batch_size, length]``, ``length`` at most ``seq_len`` (see
+    :func:`trim_padding`). The iterator is infinite (it continues across epochs).
 
     Attributes:
         consumed: the example indices (rows of the dataset) of the batches handed out, oldest
@@ -156,6 +194,7 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
+    trim_padding: bool = True,
 ) -> DataIterator:
     """Micro-batches for ``rank`` from the cursor's current position (snapshot at call).
 
@@ -172,6 +211,8 @@ def make_loader(
         seed: the run seed.
         rank, world_size: this process's data-parallel rank and the number of ranks.
         pin_memory: passed to the DataLoader.
+        trim_padding: cut each micro-batch's trailing all-padding columns
+            (:func:`trim_padding`); False: every batch is ``[rows, seq_len]``.
 
     Raises:
         ValueError: the sizes do not tile the cursor's global batch or its offset, or the
@@ -190,7 +231,7 @@ def make_loader(
         _PaddedRows(dataset),  # type: ignore[arg-type]
         batch_sampler=sampler,  # type: ignore[arg-type]
         num_workers=num_workers,
-        collate_fn=_collate,
+        collate_fn=functools.partial(_collate, trim=trim_padding),
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(base),
         worker_init_fn=functools.partial(_seed_worker, base=base) if num_workers else None,
