@@ -20,7 +20,7 @@ checks that every method trains the same number of target tokens.
 - ``evertrain_greedy`` (information): ``data.packing: true`` (attention spans records).
 - ``evertrain_none`` (information): ``data.packing: none``, one record per row padded to
   ``seq_len``, each micro-batch cut to its longest row (``data.trim_padding``, the
-  default): the same batches as the HF Trainer's padding to the longest.
+  default): each batch as long as its longest record, as with the HF Trainer's padding.
 - ``hf_trainer``: ``transformers.Trainer`` with ``DataCollatorForSeq2Seq`` padding each
   batch to its longest record (the usual SFT set-up; the strongest padded baseline).
 - ``plain``: a hand-written loop over records right-padded to ``seq_len``, the simplest

@@ -103,3 +103,28 @@ def test_a_resume_where_auto_resolves_otherwise_warns(
     assert trainer.precision == "fp32"
     msgs = [r.getMessage() for r in caplog.records if "trained in bf16" in r.getMessage()]
     assert len(msgs) == 1 and "train.precision: bf16 for an exact resume" in msgs[0]
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_to_auto_resumes_where_they_compute_alike(
+    monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    """The examples' configs moved from bf16 to auto: their old runs resume where auto
+    means bf16; elsewhere the change is refused (it would change the arithmetic)."""
+    from evertrain.recipe import config_change_allowed
+    from evertrain.resume_checks import ResumeError, check_config
+
+    _cpu_flags(monkeypatch, amx_bf16=native)
+    stored = {"train": {"precision": "bf16", "device": "cpu"}}
+    new = {"train": {"precision": "auto", "device": "cpu"}}
+    allow = config_change_allowed(False)
+    if native:
+        check_config(new, stored, Path("step-1"), allow)
+    else:
+        with pytest.raises(ResumeError, match="train.precision"):
+            check_config(new, stored, Path("step-1"), allow)
+    with pytest.raises(ResumeError, match="train.precision"):  # fp32 -> bf16: never alike
+        fp32 = {"train": {"precision": "fp32", "device": "cpu"}}
+        check_config(stored, fp32, Path("step-1"), allow)
+    assert precision.equivalent("auto", "bf16" if native else "fp32", "cpu")
+    assert not precision.equivalent("fp16", "fp32", "cpu")

@@ -108,3 +108,38 @@ def test_sigkilled_trimmed_run_resumes_bit_identical(tmp_path: Path) -> None:
     b = read_checkpoint(resumed / "checkpoints" / "step-00000016").states
     for owner in ("model", "optimizer", "data_cursor", "rng"):
         assert_identical(a[owner], b[owner], owner)
+
+
+def test_unset_trim_follows_the_checkpoint_and_a_new_run_the_compile_setting(
+    tmp_path: Path,
+) -> None:
+    from evertrain.batching import trim_for_resume
+    from evertrain.train_settings import TrainSettings
+
+    cfg = load_config(write_config(tmp_path, data={"packing": False}))
+    assert cfg.data.trim_padding is None
+    assert trim_for_resume(cfg, None) is True  # a new run
+    assert trim_for_resume(cfg, {"trim_padding": True}) is True
+    # written before trimming existed: it trained on full rows and keeps doing so
+    assert trim_for_resume(cfg, {"global_step": 5}) is False
+    compiled = load_config(write_config(tmp_path, data={"packing": False}, model={"compile": True}))
+    assert trim_for_resume(compiled, None) is False
+    assert trim_for_resume(compiled, {"trim_padding": True}) is True  # the run's own choice
+    explicit = load_config(write_config(tmp_path, data={"packing": False, "trim_padding": False}))
+    assert trim_for_resume(explicit, {"trim_padding": True}) is False
+    assert TrainSettings().trim_padding is False  # the library's own loop: only when asked
+
+
+def test_the_checkpoint_records_trimming_and_a_resume_keeps_it(tmp_path: Path) -> None:
+    cfg = load_config(
+        write_config(
+            tmp_path,
+            data={"packing": False, "seq_len": SEQ_LEN},
+            train={"max_steps": 4, "eval_every_steps": None},
+        )  # fmt: skip
+    )
+    trainer = resumed_trainer(cfg, tmp_path / "run")
+    assert trainer.settings.trim_padding is True
+    trainer.fit()
+    assert trainer.checkpoints.committed()[-1].summary["trim_padding"] is True
+    assert resumed_trainer(cfg, tmp_path / "run").settings.trim_padding is True

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 from evertrain.checkpoint import CheckpointInfo
 from evertrain.config import ConfigError, RunConfig
@@ -85,3 +87,25 @@ def grad_accum_for_resume(cfg: RunConfig, world_size: int, resume: CheckpointInf
         f"those process counts, or change train.micro_batch_size (a breaking change: "
         f"--allow-config-change)"
     )
+
+
+def trim_for_resume(cfg: RunConfig, summary: Mapping[str, Any] | None) -> bool:
+    """Whether this run's micro-batches lose their trailing all-padding columns
+    (:func:`evertrain.data.loader.trim_padding`).
+
+    ``data.trim_padding`` when set; unset, what the checkpoint being resumed trained with
+    (``summary["trim_padding"]``; a checkpoint without it was written before trimming
+    existed and trained on full rows: False), so a resumed run keeps its arithmetic across
+    evertrain upgrades and ``model.compile`` changes; for a fresh run (``summary`` None), on
+    unless ``model.compile`` (a compiled graph specialises on the length)."""
+    if cfg.data.trim_padding is not None:
+        if cfg.data.trim_padding and cfg.model.compile:
+            log.warning(
+                "data.trim_padding: true with model.compile: true: each new micro-batch length "
+                "compiles again, and a resume that meets another length first may compile a "
+                "graph whose sums differ (not bit-identical); leave data.trim_padding unset"
+            )
+        return cfg.data.trim_padding
+    if summary is not None:
+        return bool(summary.get("trim_padding", False))
+    return not cfg.model.compile

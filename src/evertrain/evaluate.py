@@ -165,6 +165,7 @@ def heldout_loss(
     device: torch.device | None = None,
     precision: str = "fp32",
     kind: str = "causal",
+    trim_padding: bool = False,
 ) -> tuple[float | None, int, int]:
     """Token-weighted mean cross-entropy over ``dataset`` (see the module docstring).
 
@@ -178,6 +179,8 @@ def heldout_loss(
         device: where the model is (default: its first parameter's device).
         precision: ``"bf16"`` runs under bfloat16 autocast, as training does.
         kind: ``model.kind``: which labels count as scored tokens.
+        trim_padding: cut each batch's trailing all-padding columns, as the run's training
+            did (:func:`evertrain.batching.trim_for_resume`).
 
     Returns:
         ``(loss in nats/token or None when no token was scored, rows scored, tokens
@@ -194,6 +197,7 @@ def heldout_loss(
             max_batches=max_batches,
             device=dev,
             autocast=lambda: precision_lib.autocast(dev, precision),
+            trim=trim_padding,
         )
     if count == 0:
         return None, rows, 0
@@ -289,6 +293,7 @@ def evaluate_model(
     checkpoint: str | None = None,
     label: str | None = None,
     kind: str = "causal",
+    trim_padding: bool = False,
 ) -> EvalReport:
     """Held-out loss of ``model`` on ``dataset`` (None: skipped) and greedy generations.
 
@@ -305,6 +310,7 @@ def evaluate_model(
             max_batches=max_batches,
             precision=precision,
             kind=kind,
+            trim_padding=trim_padding,
         )
     gens = generate_samples(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, chat=chat, kind=kind
@@ -407,6 +413,7 @@ def evaluate_trainer(
         model_info=_model_info(cfg, trainer.owners[trainer.model_owner].identity),
         checkpoint=str(at_step[0].path) if at_step else None,
         kind=cfg.model.kind,
+        trim_padding=trainer.settings.trim_padding,
     )
     if write:
         write_eval_report(trainer.run_dir, report)
@@ -477,7 +484,11 @@ def evaluate_run(
         cfg, model, tok = restored.config, restored.model, restored.tokenizer
         identity, global_step = restored.identity, restored.global_step
         ckpt = str(restored.checkpoint)
+    from evertrain.batching import trim_for_resume
     from evertrain.distributed import resolve_device
+
+    # held-out batches cut as the checkpoint's training cut them (the same val_loss)
+    trim = trim_for_resume(cfg, None if config is not None else restored.summary)
 
     model.to(resolve_device(cfg.train.device))
     from evertrain.data.encode import use_chat_template
@@ -503,6 +514,7 @@ def evaluate_run(
             model_info=_model_info(cfg, identity),
             checkpoint=ckpt,
             write=write,
+            trim_padding=trim,
         )
     report = evaluate_model(
         model,
@@ -519,6 +531,7 @@ def evaluate_run(
         checkpoint=ckpt,
         label="untrained (config)" if config is not None else None,
         kind=cfg.model.kind,
+        trim_padding=trim,
     )
     if write:
         write_eval_report(run_dir, report)

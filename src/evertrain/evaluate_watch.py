@@ -45,6 +45,7 @@ def evaluate_watch_run(
     model_info: dict[str, Any],
     checkpoint: str | None,
     write: bool,
+    trim_padding: bool = False,
 ) -> EvalReport:
     """:func:`evaluate_run` of a watch checkpoint: held-out loss per trained file and
     token-weighted overall, then the generations.
@@ -93,6 +94,7 @@ def evaluate_watch_run(
                 micro_batch_size=cfg.train.micro_batch_size,
                 max_batches=cfg.train.eval_max_batches,
                 precision=cfg.train.precision,
+                trim_padding=trim_padding,
                 kind=cfg.model.kind,
             )
         files.append(

@@ -28,17 +28,31 @@ import torch
 log = logging.getLogger("evertrain")
 
 PRECISIONS = ("fp32", "bf16", "auto")
-_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")  # x86, then Arm
+
+
+def _cpu_capabilities() -> dict[str, Any]:
+    get = getattr(torch.cpu, "get_capabilities", None)
+    if get is not None:
+        return dict(get())
+    # torch before get_capabilities (the project supports torch >= 2.4): x86 probes only
+    return {
+        "avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", bool)()),
+        "amx_bf16": bool(getattr(torch.cpu, "_is_amx_tile_supported", bool)()),
+    }
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bfloat16 in hardware (see the module docstring)."""
+    """Whether ``device`` multiplies bfloat16 in hardware (see the module docstring):
+    a CUDA device of compute capability 8.0 or more, a CPU with one of
+    ``avx512_bf16``/``amx_bf16`` (x86) or ``bf16``/``sve_bf16`` (Arm); False for other
+    device types (``auto`` keeps fp32 there: ask for ``bf16`` explicitly)."""
     if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type == "cpu":
-        caps = torch.cpu.get_capabilities()
+        caps = _cpu_capabilities()
         return any(bool(caps.get(flag)) for flag in _CPU_BF16_FLAGS)
-    return True  # mps, xpu, ...: their autocast's bf16 is their own business
+    return False
 
 
 def resolve(precision: str, device: torch.device) -> str:
@@ -62,7 +76,7 @@ def announce(precision: str, device: torch.device) -> str:
             "train.precision: bf16 on a %s without native bfloat16 (no %s): autocast emulates "
             "it, 10-70x slower than fp32 here; set train.precision: fp32 or auto",
             _device_name(device), " or ".join(_CPU_BF16_FLAGS if device.type == "cpu"
-                                               else ("compute capability 8.0",)),
+                                               else ("compute capability 8.0+",)),
         )  # fmt: skip
     elif precision == "auto":
         log.info("train.precision: auto -> %s on %s", resolved, _device_name(device))
@@ -90,7 +104,19 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 def _device_name(device: torch.device) -> str:
     if device.type == "cpu":
-        return f"CPU ({torch.cpu.get_capabilities().get('cpu_name', 'unknown')})"
+        return f"CPU ({_cpu_capabilities().get('cpu_name', 'unknown')})"
     if device.type == "cuda":
         return f"CUDA device ({torch.cuda.get_device_name(device)})"
     return device.type
+
+
+def equivalent(old: Any, new: Any, device_setting: str = "auto") -> bool:
+    """Whether ``train.precision`` values ``old`` and ``new`` compute alike on this
+    machine (``"bf16"`` and ``"auto"`` where bf16 is native; ``train.device``
+    ``device_setting``): a resume lets such a change through."""
+    if old not in PRECISIONS or new not in PRECISIONS:
+        return False
+    if device_setting == "auto":
+        device_setting = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_setting)
+    return resolve(old, device) == resolve(new, device)

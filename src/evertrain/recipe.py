@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from evertrain import distributed
-from evertrain.batching import grad_accum_for_resume
+from evertrain.batching import grad_accum_for_resume, trim_for_resume
 from evertrain.checkpoint.ranks import choose_checkpoint, rng_state_for_rank
 from evertrain.config import RunConfig
 from evertrain.config_diff import breaking_changes
@@ -38,8 +38,11 @@ from evertrain.trainer import Trainer
 log = logging.getLogger("evertrain")
 
 
-def settings_from_config(cfg: RunConfig, grad_accum_steps: int) -> TrainSettings:
-    """The loop's settings from ``cfg.train``/``cfg.data`` (accumulation as resumed)."""
+def settings_from_config(
+    cfg: RunConfig, grad_accum_steps: int, precision: str, trim_padding: bool
+) -> TrainSettings:
+    """The loop's settings from ``cfg.train``/``cfg.data``, with the accumulation, the
+    resolved precision and the trimming this run (as resumed) uses."""
     t = cfg.train
     return TrainSettings(
         micro_batch_size=t.micro_batch_size,
@@ -47,15 +50,13 @@ def settings_from_config(cfg: RunConfig, grad_accum_steps: int) -> TrainSettings
         epochs=t.epochs,
         max_steps=t.max_steps,
         max_grad_norm=t.max_grad_norm,
-        precision=t.precision,
+        precision=precision,
         eval_every_steps=t.eval_every_steps,
         eval_max_batches=t.eval_max_batches,
         seed=cfg.seed,
         num_workers=cfg.data.num_workers,
         on_nonfinite=t.on_nonfinite,
-        trim_padding=(
-            not cfg.model.compile if cfg.data.trim_padding is None else cfg.data.trim_padding
-        ),
+        trim_padding=trim_padding,
     )
 
 
@@ -129,9 +130,15 @@ def build_trainer(
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         distributed.seed_rank(cfg.seed, group)  # ranks > 0: their own dropout masks
+        # "auto" resolved once, on rank 0, for every rank: nodes of different hardware
+        # must not train (or FSDP all-gather) in different precisions
+        precision = resolve(t.precision, group.device)
+        precision = group.broadcast_json(precision) if group.distributed else precision
+        if t.precision == "auto":
+            log.info("train.precision: auto -> %s (rank 0's device)", precision)
         if t.parallel == "fsdp" and group.distributed:
             # FSDP2 in place; the Trainer's owners then save each rank's slices
-            bf16 = next(model.parameters()).is_cuda and resolve(t.precision, group.device) == "bf16"
+            bf16 = next(model.parameters()).is_cuda and precision == "bf16"
             shard_model(model, group.world_size, bf16=bf16)
             ddp = model
         else:  # DDP with several ranks; checkpoints name the original module's parameters
@@ -140,7 +147,8 @@ def build_trainer(
         root = Path(run_dir) / "checkpoints"
         chosen = None if fresh else choose_checkpoint(root, group, log.warning)
         accum = grad_accum_for_resume(cfg, group.world_size, chosen)
-        settings = settings_from_config(cfg, accum)
+        trim = trim_for_resume(cfg, None if chosen is None else chosen.summary)
+        settings = settings_from_config(cfg, accum, precision, trim)
         train_ds = val_ds = cursor = None
         total_steps = t.max_steps
         if build_data:

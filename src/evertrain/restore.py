@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ class RestoredModel:
         global_step: optimizer steps the checkpoint had completed.
         identity: the base model's identity (see :class:`evertrain.models.LoadedModel`).
         states: every owner's state of the checkpoint (tensors on CPU).
+        summary: the checkpoint manifest's ``summary`` (JSON).
     """
 
     model: Any
@@ -42,6 +43,7 @@ class RestoredModel:
     global_step: int
     identity: dict[str, Any]
     states: dict[str, dict[str, Any]]
+    summary: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_lora(self) -> bool:
@@ -181,4 +183,5 @@ def restore_model(run_dir: str | Path, step: int | None = None) -> RestoredModel
         global_step=ck.global_step,
         identity=loaded.identity,
         states=ck.states,
+        summary=ck.summary,
     )

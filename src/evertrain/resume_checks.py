@@ -8,6 +8,7 @@ from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
+from evertrain import precision
 from evertrain.checkpoint.ranks import saved_world_size
 from evertrain.config_diff import diff_configs
 from evertrain.config_json import refused_changes
@@ -35,7 +36,12 @@ def check_config(
     if config is None or stored is None:
         return
     diffs = diff_configs(stored, config)
-    refused = refused_changes(diffs, allow)
+    device = (config.get("train") or {}).get("device", "auto") if isinstance(config, dict) else None
+    refused = [  # bf16 -> auto where bf16 is native (the examples' configs moved so)
+        (k, old, new) for k, old, new in refused_changes(diffs, allow)
+        if not (k == "train.precision" and isinstance(device, str)
+                and precision.equivalent(old, new, device))
+    ]  # fmt: skip
     for key, old, new in diffs:
         log.warning("config changed since %s: %s: %r -> %r", path.name, key, old, new)
     if refused:

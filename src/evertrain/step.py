@@ -45,7 +45,8 @@ def backward_step(
     device tensor (see :func:`step_results`, the step's one host sync).
 
     Args:
-        micro_batches: this rank's micro-batches (CPU tensors ``[rows, seq_len]``); a
+        micro_batches: this rank's micro-batches (CPU tensors ``[rows, length]``, each its
+            own length when trimmed: :func:`~evertrain.data.loader.trim_padding`); a
             ``row_mask`` entry (``bool [rows]``, False for padding) is removed and counted.
         forward, loss_fn, count_targets: the module to call, its summed token loss and the
             target tokens that sum is over (see :class:`~evertrain.trainer.Trainer`).
@@ -141,7 +142,7 @@ def loss_totals(
     rank: int = 0,
     world_size: int = 1,
     lockstep: bool = False,
-    trim: bool = True,
+    trim: bool = False,
 ) -> tuple[float, int, int]:
     """``(summed token loss in nats, target tokens, rows)`` of ``dataset``'s rows in
     order, ``micro_batch_size`` at a time (at most ``max_batches`` batches; batch ``b``
@@ -200,7 +201,7 @@ def heldout_loss(
         forward, dataset, loss_fn=loss_fn, count_targets=count_targets,
         micro_batch_size=settings.micro_batch_size, max_batches=settings.eval_max_batches,
         device=device, autocast=autocast, rank=group.rank, world_size=group.world_size,
-        lockstep=is_sharded_model(model), trim=getattr(settings, "trim_padding", True),
+        lockstep=is_sharded_model(model), trim=getattr(settings, "trim_padding", False),
     )  # fmt: skip
     model.train()
     reshard(model)

@@ -63,8 +63,10 @@ class TrainSettings:
         trim_padding: drop each micro-batch's trailing columns that are padding in every
             row, in training and held-out batches (:func:`evertrain.data.loader.
             trim_padding`: a step on padded rows costs what its longest row does; without
-            dropout the same loss up to float rounding). Off for a compiled model whose
-            shapes must not vary.
+            dropout the same loss up to float rounding). Off by default here: a compiled
+            ``forward`` would meet many shapes, and a ``loss_fn`` whose targets are in
+            another key than ``labels`` could lose them; ``evertrain train`` turns it on
+            (``data.trim_padding``, :func:`evertrain.batching.trim_for_resume`).
     """
 
     micro_batch_size: int = 4
@@ -78,7 +80,7 @@ class TrainSettings:
     seed: int = 0
     num_workers: int = 0
     on_nonfinite: str = "stop"
-    trim_padding: bool = True
+    trim_padding: bool = False
 
 
 def token_loss_sum(

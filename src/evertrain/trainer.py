@@ -230,11 +230,8 @@ class Trainer:
             precision_lib.warn_changed(summary and summary.summary.get("precision"), self.precision)
             for change in getattr(self.scheduler, "changes", list)():
                 log.warning("LR schedule changed since checkpoint: %s", change)
-            where = (
-                f", epoch {self.cursor.epoch}, example {self.cursor.offset} of the epoch"
-                if self.cursor is not None
-                else ""
-            )
+            c = self.cursor
+            where = f", epoch {c.epoch}, example {c.offset} of the epoch" if c is not None else ""
             log.info("resumed from %s (global_step %d%s)", info, step, where)
         return step
 
@@ -251,6 +248,7 @@ class Trainer:
             "lr": self.lr_at(max(p.global_step - 1, 0)),
             "metrics": dict(self.last_eval),
             "precision": self.precision,
+            "trim_padding": self.settings.trim_padding,
             # the split of the global batch (a resume on another process count keeps it)
             "batch": {
                 "world_size": self.world_size,
@@ -371,7 +369,7 @@ class Trainer:
         A NaN/inf loss or gradient norm is never applied (``settings.on_nonfinite``).
 
         Args:
-            batches: yields dicts of ``[micro_batch_size, seq_len]`` tensors (with
+            batches: yields dicts of ``[micro_batch_size, length]`` tensors (with
                 ``row_mask``, ``bool [micro_batch_size]``, marking real rows, if padded).
             epoch: recorded in the metrics line.
             micro_batches: micro-batches in this step, default ``grad_accum_steps``; fewer

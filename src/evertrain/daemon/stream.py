@@ -234,7 +234,7 @@ def file_batches(
     replay: ReplaySampler | None,
     rank: int = 0,
     world_size: int = 1,
-    trim: bool = True,
+    trim: bool = False,
 ) -> Generator[dict[str, torch.Tensor], None, None]:
     """Micro-batches of the current file from the cursor's position, each extended by its
     replay rows. The cursor and ``plan``'s counters advance as each micro-batch is handed

@@ -194,7 +194,7 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
-    trim_padding: bool = True,
+    trim_padding: bool = False,
 ) -> DataIterator:
     """Micro-batches for ``rank`` from the cursor's current position (snapshot at call).
 
