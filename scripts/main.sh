@@ -10,7 +10,7 @@ RUN=${RUN:-runs/pydoc-stream}
 DATA=${DATA:-runs/pydoc-data}
 .venv/bin/evertrain data pydoc "$DATA" --num-files 12 >/dev/null
 mkdir -p "$RUN/inbox"
-for f in ${FILES:-pydoc-00 pydoc-04 pydoc-05 pydoc-06 pydoc-08 pydoc-11}; do  # ~200 KB: ~3-4 min on 2 cores
+for f in ${FILES:-pydoc-00 pydoc-04 pydoc-05 pydoc-06 pydoc-08 pydoc-11}; do  # ~200 KB: 3-13 min on 2 cores
   # write under a name the daemon ignores, then rename: a file is taken only when complete
   cp "$DATA/$f.jsonl" "$RUN/inbox/$f.jsonl.part"
   mv "$RUN/inbox/$f.jsonl.part" "$RUN/inbox/$f.jsonl"
