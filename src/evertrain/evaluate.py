@@ -187,6 +187,7 @@ def heldout_loss(
         scored)``.
     """
     dev = next(model.parameters()).device if device is None else device
+    resolved = precision_lib.resolve(precision, dev)  # "auto": probed once, not per batch
     with _eval_mode(model):
         total, count, rows = loss_totals(
             model,
@@ -196,7 +197,7 @@ def heldout_loss(
             micro_batch_size=micro_batch_size,
             max_batches=max_batches,
             device=dev,
-            autocast=lambda: precision_lib.autocast(dev, precision),
+            autocast=lambda: precision_lib.autocast(dev, resolved),
             trim=trim_padding,
         )
     if count == 0:

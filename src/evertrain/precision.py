@@ -2,8 +2,8 @@
 ``auto``.
 
 bf16 autocast is fast only where the hardware multiplies bfloat16 natively: CUDA devices
-that ``torch.cuda.is_bf16_supported()`` (compute capability 8.0 and up), and CPUs with
-AVX512-BF16 or AMX-BF16 (``torch.cpu.get_capabilities()``). Elsewhere oneDNN emulates it:
+of compute capability 8.0 and up, and CPUs with AVX512-BF16 or AMX-BF16 (Arm: BF16)
+(``torch.cpu.get_capabilities()``). Elsewhere oneDNN emulates it:
 on an AVX2-only AMD EPYC a 1024x1024 bf16 matmul on one thread ran at 0.85 GFLOP/s against
 58 in fp32 (70x slower), and the main job's LoRA steps fell from 58-67 tokens/s in fp32 to
 4. A run that asks for ``bf16`` there gets it, with a warning that names the flags and the
@@ -74,7 +74,8 @@ def announce(precision: str, device: torch.device) -> str:
     if resolved == "bf16" and not native_bf16(device):
         log.warning(
             "train.precision: bf16 on a %s without native bfloat16 (no %s): autocast emulates "
-            "it, 10-70x slower than fp32 here; set train.precision: fp32 or auto",
+            "it (measured 15-70x slower than fp32 on an AVX2-only CPU); set "
+            "train.precision: fp32 or auto",
             _device_name(device), " or ".join(_CPU_BF16_FLAGS if device.type == "cpu"
                                                else ("compute capability 8.0+",)),
         )  # fmt: skip
