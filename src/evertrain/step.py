@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from evertrain import distributed
-from evertrain.data.loader import ROW_MASK, trim_padding
+from evertrain.data.loader import ROW_MASK, collate
 from evertrain.faults import maybe_crash, poisoned
 from evertrain.sharded import is_sharded_model, reshard
 
@@ -168,8 +168,7 @@ def loss_totals(
         real = b < len(starts)
         start = starts[b] if real else 0
         rows = [dataset[i] for i in range(start, min(start + micro_batch_size, len(dataset)))]
-        host = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-        host = trim_padding(host) if trim else host
+        host = collate(rows, trim)
         batch = {k: v.to(device) for k, v in host.items()}
         with autocast():
             loss = float(loss_fn(forward, batch))
@@ -201,7 +200,7 @@ def heldout_loss(
         forward, dataset, loss_fn=loss_fn, count_targets=count_targets,
         micro_batch_size=settings.micro_batch_size, max_batches=settings.eval_max_batches,
         device=device, autocast=autocast, rank=group.rank, world_size=group.world_size,
-        lockstep=is_sharded_model(model), trim=getattr(settings, "trim_padding", False),
+        lockstep=is_sharded_model(model), trim=settings.trim_padding,
     )  # fmt: skip
     model.train()
     reshard(model)

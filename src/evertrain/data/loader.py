@@ -108,7 +108,8 @@ def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
-def _collate(rows: list[dict[str, torch.Tensor]], trim: bool = False) -> dict[str, torch.Tensor]:
+def collate(rows: list[dict[str, torch.Tensor]], trim: bool = False) -> dict[str, torch.Tensor]:
+    """``rows`` stacked key by key into one batch, cut by :func:`trim_padding` if ``trim``."""
     batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
     return trim_padding(batch) if trim else batch
 
@@ -231,7 +232,7 @@ def make_loader(
         _PaddedRows(dataset),  # type: ignore[arg-type]
         batch_sampler=sampler,  # type: ignore[arg-type]
         num_workers=num_workers,
-        collate_fn=functools.partial(_collate, trim=trim_padding),
+        collate_fn=functools.partial(collate, trim=trim_padding),
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(base),
         worker_init_fn=functools.partial(_seed_worker, base=base) if num_workers else None,
